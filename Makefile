@@ -1,0 +1,24 @@
+# make demo: install, then a quick study on the embedded synthetic set and its ensemble.
+# make test: install, then the test suite.
+VENV ?= .venv
+PYTHON ?= python3
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install demo test bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	mlflow run . -e train -P preset=quick --env-manager local
+
+test: install
+	python -m pytest -q
+
+bench: install
+	python benchmarks/pipeline.py

@@ -1,0 +1,121 @@
+"""The run configuration: defaults, preset files in experiments/, and checked overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emnist_exp.errors import UserError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything one worker of a study needs. Defaults are the full-data job."""
+
+    # data
+    dataset: str = "emnist/bymerge"  # emnist/<config>, idx:<folder>, synthetic[:N]
+    max_examples: int = 0  # cap on train examples (validation included); 0 = all
+    val_fraction: float = 0.1  # carved from the end of train, never from test
+    data_dir: str = ""  # tfds data dir; "" = tfds's own default (TFDS_DATA_DIR or ~/tensorflow_datasets)
+    # study
+    study: str = "emnist"
+    n_trials: int = 10
+    timeout: int = 0  # seconds for this worker; 0 = no limit
+    storage: str = ""  # Optuna storage URL; "" = sqlite:///optuna.db beside mlflow.db
+    seed: int = 0  # flows to Keras, tf.data and the Optuna sampler
+    space: str = "full"  # search space, see emnist_exp.search.SPACES
+    pruner: str = "median"  # median | hyperband | none
+    # training
+    epochs: int = 10
+    patience: int = 3  # early stopping on val_accuracy
+    shuffle_buffer: int = 10_000  # ~8 MB of uint8 images: the RAM ceiling stays flat
+    preset: str = ""  # the preset these values came from, for the record
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a CLI string or TOML value to the field's type, or say what is wrong."""
+    kind = type(FIELDS[name].default)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError(text)
+                return text.lower() in {"true", "1", "yes"}
+            return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
+        except ValueError:
+            raise UserError(f"{name} must be {kind.__name__}, got {value!r}.") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{name} must be {kind.__name__}, got {value!r}.")
+    return value
+
+
+def _check(cfg: Config) -> Config:
+    """Range checks that no type can express."""
+    rules = [
+        (cfg.n_trials >= 1, "n_trials must be at least 1"),
+        (cfg.epochs >= 1, "epochs must be at least 1"),
+        (cfg.max_examples >= 0, "max_examples must be 0 (all) or positive"),
+        (cfg.timeout >= 0, "timeout must be 0 (none) or a number of seconds"),
+        (0.0 < cfg.val_fraction < 0.5, "val_fraction must be between 0 and 0.5"),
+        (cfg.patience >= 1, "patience must be at least 1"),
+        (cfg.shuffle_buffer >= 1, "shuffle_buffer must be at least 1"),
+        (cfg.pruner in {"median", "hyperband", "none"}, "pruner must be median, hyperband or none"),
+        (bool(cfg.study.strip()), "study must not be empty"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message + ".")
+    from emnist_exp.search import SPACES  # noqa: PLC0415 (search imports keras lazily)
+
+    if cfg.space not in SPACES:
+        raise UserError(f"space must be one of {', '.join(SPACES)}, got {cfg.space!r}.")
+    return cfg
+
+
+def preset_path(name: str) -> Path:
+    """A preset is a name in experiments/ or a path to a .toml file."""
+    path = Path(name) if name.endswith(".toml") else PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml"))) or "none"
+        raise UserError(f"unknown preset {name!r}: known presets are {known}.")
+    return path
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """Read a preset's overrides; an unknown key or a wrong type is an error."""
+    path = preset_path(name)
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"preset {path} is not valid TOML: {exc}.") from None
+    unknown = sorted(set(values) - set(FIELDS) - {"preset"})
+    if unknown:
+        raise UserError(f"preset {path.name} has unknown keys: {', '.join(unknown)}.")
+    return {k: _coerce(k, v) for k, v in values.items()}
+
+
+def resolve(overrides: dict[str, Any]) -> Config:
+    """Defaults, then the preset (if any), then explicit overrides. None or '' means unset."""
+    given = {k: v for k, v in overrides.items() if v is not None and v != ""}
+    unknown = sorted(set(given) - set(FIELDS))
+    if unknown:
+        raise UserError(f"unknown settings: {', '.join(unknown)}.")
+    values: dict[str, Any] = {}
+    if given.get("preset"):
+        values.update(load_preset(given["preset"]))
+    values.update({k: _coerce(k, v) for k, v in given.items()})
+    return _check(Config(**values))

@@ -1,0 +1,170 @@
+"""Dataset specs to tf.data pipelines: uint8 records from the tfds cache, made upright, streamed."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from emnist_exp.errors import UserError
+
+AUTOTUNE = tf.data.AUTOTUNE
+SYNTHETIC_SIZE = 12_000  # `synthetic` alone: train examples; test is a sixth of that
+TRANSPOSED_BUILDERS = {"emnist", "emnist_idx"}  # stored as in EMNIST's files: transpose to get upright
+
+
+@dataclass(frozen=True)
+class Source:
+    """A prepared tfds builder and what is needed to read it the right way up."""
+
+    spec: str
+    builder: tfds.core.DatasetBuilder
+    classes: tuple[str, ...]
+    transposed: bool
+
+    def num_examples(self, split: str) -> int:
+        splits = self.builder.info.splits
+        if split not in splits:
+            have = ", ".join(sorted(splits.keys())) or "none"
+            raise UserError(f"dataset {self.spec} has no {split!r} split (it has: {have}).")
+        return splits[split].num_examples
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train, validation (carved from train) and test, unbatched (image uint8 28x28x1 upright, label)."""
+
+    source: Source
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    test: tf.data.Dataset | None
+    counts: dict[str, int]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.source.classes
+
+
+def _tfds_builder(spec: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """emnist/<config> through tfds; offline, a clear sentence on how to get the data instead."""
+    try:
+        builder = tfds.builder(spec, data_dir=data_dir)
+    except Exception as exc:  # tfds raises several types for unknown names and configs
+        raise UserError(f"unknown tfds dataset {spec!r}: {str(exc).splitlines()[0]}") from None
+    try:
+        builder.download_and_prepare()
+    except Exception as exc:
+        where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+        raise UserError(
+            f"{spec} is not prepared in {where} and could not be downloaded ({type(exc).__name__}); "
+            "prepare it on a machine with internet access and set TFDS_DATA_DIR to that folder, "
+            "or pass idx:<folder> with the official EMNIST gzip files."
+        ) from None
+    return builder
+
+
+def open_source(spec: str, data_dir: str | None = None) -> Source:
+    """Resolve a dataset SPEC (`emnist/bymerge`, `idx:<folder>`, `synthetic[:N]`) to a prepared builder."""
+    data_dir = data_dir or None
+    if spec.startswith("idx:"):
+        from emnist_exp.builders.idx import idx_builder  # noqa: PLC0415
+
+        builder = idx_builder(spec[len("idx:") :], data_dir=data_dir)
+    elif spec == "synthetic" or spec.startswith("synthetic:"):
+        from emnist_exp.builders.synthetic import synthetic_builder  # noqa: PLC0415
+
+        size = spec.partition(":")[2] or str(SYNTHETIC_SIZE)
+        if not size.isdigit() or int(size) < 47:
+            raise UserError(f"synthetic size must be a whole number of at least 47, got {size!r}.")
+        builder = synthetic_builder(size=int(size), data_dir=data_dir)
+    elif spec.split("/")[0] == "emnist":
+        builder = _tfds_builder(spec, data_dir)
+    else:
+        raise UserError(f"unknown dataset {spec!r}: use emnist/bymerge, idx:<folder> or synthetic[:N].")
+    classes = tuple(builder.info.features["label"].names)
+    return Source(spec, builder, classes, builder.name in TRANSPOSED_BUILDERS)
+
+
+def read_split(source: Source, split: str, *, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """Stream one tfds split (slicing allowed) as upright (uint8 image, int64 label) pairs."""
+    # Ordered builders (disable_shuffling) must be read in order; the shuffle buffer still mixes them.
+    shuffle = shuffle_seed is not None and not source.builder.info.disable_shuffling
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed) if shuffle else None
+    ds = source.builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config, as_supervised=True)
+    if source.transposed:
+        ds = ds.map(lambda image, label: (tf.transpose(image, [1, 0, 2]), label), num_parallel_calls=AUTOTUNE)
+    return ds
+
+
+def carve(total: int, val_fraction: float, cap: int = 0) -> tuple[int, int]:
+    """(train, val) counts: the cap first, then validation from the end of what is left."""
+    n = min(total, cap) if cap else total
+    n_val = max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise UserError(f"{n} training examples are too few to carve a validation split from.")
+    return n - n_val, n_val
+
+
+def load_splits(spec: str, *, val_fraction: float = 0.1, max_examples: int = 0, data_dir: str = "",
+                seed: int = 0) -> Splits:
+    """Train/val/test for a study. Validation comes from train, deterministically; test is untouched."""
+    source = open_source(spec, data_dir)
+    n_train, n_val = carve(source.num_examples("train"), val_fraction, max_examples)
+    has_test = "test" in source.builder.info.splits
+    n_test = source.num_examples("test") if has_test else 0
+    if max_examples and has_test:
+        n_test = min(n_test, max_examples)
+    return Splits(
+        source=source,
+        train=read_split(source, f"train[:{n_train}]", shuffle_seed=seed),
+        val=read_split(source, f"train[{n_train}:{n_train + n_val}]"),
+        test=read_split(source, f"test[:{n_test}]") if has_test else None,
+        counts={"train": n_train, "val": n_val, "test": n_test},
+    )
+
+
+def _one_hot(num_classes: int) -> Callable:
+    return lambda images, labels: (images, tf.one_hot(labels, num_classes))
+
+
+def training_pipeline(ds: tf.data.Dataset, *, num_classes: int, batch_size: int, seed: int,
+                      shuffle_buffer: int, augment: Callable | None = None) -> tf.data.Dataset:
+    """shuffle -> batch -> float -> augmentation (when on) -> one-hot -> prefetch."""
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
+    if augment is not None:
+        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=AUTOTUNE)
+    return ds.map(_one_hot(num_classes), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def eval_pipeline(ds: tf.data.Dataset, *, batch_size: int, num_classes: int | None = None) -> tf.data.Dataset:
+    """batch -> float (-> one-hot, for Keras validation) -> prefetch, in a fixed order."""
+    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
+    if num_classes is not None:
+        ds = ds.map(_one_hot(num_classes), num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)
+
+
+def labels_of(ds: tf.data.Dataset) -> "np.ndarray":  # noqa: F821
+    """All labels of an unbatched split, in order (a uint8 vector, small even for 700k)."""
+    import numpy as np  # noqa: PLC0415
+
+    batches = [y for _, y in ds.map(lambda x, y: (0, y)).batch(8192).as_numpy_iterator()]
+    return np.concatenate(batches).astype(np.uint8) if batches else np.zeros(0, np.uint8)
+
+
+def images_at(ds: tf.data.Dataset, indices) -> "np.ndarray":  # noqa: F821
+    """The images at the given positions of an unbatched split (reads up to the largest index)."""
+    import numpy as np  # noqa: PLC0415
+
+    wanted = sorted(int(i) for i in indices)
+    if not wanted:
+        return np.zeros((0, 28, 28, 1), np.uint8)
+    keep, found = set(wanted), {}
+    for i, (image, _) in enumerate(ds.take(wanted[-1] + 1).as_numpy_iterator()):
+        if i in keep:
+            found[i] = image
+    return np.stack([found[i] for i in indices])

@@ -1,0 +1,85 @@
+"""The search space: the only place that calls trial.suggest_*; it returns a plain TrialSpec."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import optuna
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialSpec:
+    """One CNN variant and how to train it. Defaults are the seed (Kaggle) recipe."""
+
+    # architecture: the seed CNN, widths 1x, 2x, 4x of `width`
+    width: int = 32
+    dropout: float = 0.4
+    batch_norm: bool = True
+    # augmentation (training only; never flips: they turn characters into other characters)
+    augment: bool = False
+    rotation: float = 0.0  # degrees, both ways
+    shift: float = 0.0  # fraction of the image, both axes
+    zoom: float = 0.0  # fraction, in and out
+    elastic: float = 0.0  # keras RandomElasticTransform scale; 0 = off
+    # optimisation
+    learning_rate: float = 1e-3
+    schedule: str = "exp"  # exp: lr*0.95^epoch (the seed); cosine; onecycle
+    batch_size: int = 32
+    label_smoothing: float = 0.0
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def short_name(self) -> str:
+        """What a run list should show at a glance."""
+        on = lambda flag: "on" if flag else "off"  # noqa: E731
+        return f"aug={on(self.augment)} bn={on(self.batch_norm)} drop={self.dropout:.2f}"
+
+
+def _augmentation(trial: optuna.Trial, max_rotation: float = 20.0) -> dict[str, Any]:
+    if not trial.suggest_categorical("augment", [True, False]):
+        return {"augment": False}
+    return {
+        "augment": True,
+        "rotation": trial.suggest_float("rotation", 0.0, max_rotation),
+        "shift": trial.suggest_float("shift", 0.0, 0.15),
+        "zoom": trial.suggest_float("zoom", 0.0, 0.15),
+        "elastic": trial.suggest_float("elastic", 0.0, 1.0),
+    }
+
+
+def full_space(trial: optuna.Trial) -> TrialSpec:
+    """Everything the mission names: augmentation, dropout, BN, width, lr, schedule, batch, smoothing."""
+    return TrialSpec(
+        **_augmentation(trial),
+        dropout=trial.suggest_float("dropout", 0.0, 0.5),
+        batch_norm=trial.suggest_categorical("batch_norm", [True, False]),
+        width=trial.suggest_categorical("width", [16, 32, 48]),
+        learning_rate=trial.suggest_float("learning_rate", 3e-4, 3e-3, log=True),
+        schedule=trial.suggest_categorical("schedule", ["exp", "cosine", "onecycle"]),
+        batch_size=trial.suggest_categorical("batch_size", [32, 64, 128, 256]),
+        label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.15),
+    )
+
+
+def seed_space(trial: optuna.Trial) -> TrialSpec:
+    """The seed recipe with nothing searched: a baseline, and members that differ only by seed."""
+    return TrialSpec()
+
+
+SPACES: dict[str, Callable[[optuna.Trial], TrialSpec]] = {
+    "full": full_space,
+    "seed": seed_space,
+}
+
+
+def suggest_spec(trial: optuna.Trial, space: str = "full") -> TrialSpec:
+    """Ask the trial for a TrialSpec from the named search space."""
+    return SPACES[space](trial)
+
+
+def spec_from_params(params: dict[str, Any], space: str = "full") -> TrialSpec:
+    """Rebuild the spec of a finished trial from its params (e.g. study.best_params)."""
+    return suggest_spec(optuna.trial.FixedTrial(params), space)

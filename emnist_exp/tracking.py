@@ -1,0 +1,190 @@
+"""Everything that talks to MLflow: the study's parent run, one nested run per trial, artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import keras
+import mlflow
+import numpy as np
+import optuna
+from mlflow.models import infer_signature
+
+from emnist_exp import plots
+from emnist_exp.search import TrialSpec
+
+ROLE_TAG = "emnist.role"  # study | trial | ensemble
+STUDY_TAG = "optuna.study"
+TRIAL_TAG = "optuna.trial_number"
+STATE_TAG = "optuna.state"
+PREDICTIONS = "predictions.npz"
+MODEL_NAME = "model"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def study_run(config: dict[str, Any], *, storage: str, sampler: str) -> Iterator[mlflow.ActiveRun]:
+    """The parent run: `mlflow run`'s own run (MLFLOW_RUN_ID) or a new one. `storage` is redacted."""
+    name = None if os.environ.get("MLFLOW_RUN_ID") else f"study-{config['study']}"
+    run = mlflow.start_run(run_name=name)
+    with _ending(run):
+        mlflow.set_tags({ROLE_TAG: "study", STUDY_TAG: config["study"], "dataset": config["dataset"],
+                         "optuna.sampler": sampler, "optuna.storage": storage, "git_commit": git_commit()})
+        # `mlflow run` already logged the raw -P values under their own names: resolved ones get a prefix.
+        mlflow.log_params({f"config.{k}": v for k, v in config.items()})
+        mlflow.log_dict(config, "config.json")
+        yield run
+
+
+@contextlib.contextmanager
+def _ending(run: mlflow.ActiveRun, on_error: str = "FAILED") -> Iterator[None]:
+    """End `run` as FINISHED, KILLED (Ctrl-C) or FAILED, whatever happens inside."""
+    status = on_error
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+def trial_run_name(number: int, spec: TrialSpec) -> str:
+    return f"trial-{number:03d} {spec.short_name()}"
+
+
+@contextlib.contextmanager
+def trial_run(study: str, number: int, spec: TrialSpec, seed: int, extra_params: dict[str, Any]
+              ) -> Iterator[mlflow.ActiveRun]:
+    """A nested child run for one trial. Its end status follows how the trial ended."""
+    tags = {ROLE_TAG: "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING",
+            "aug": "on" if spec.augment else "off", "bn": "on" if spec.batch_norm else "off"}
+    run = mlflow.start_run(run_name=trial_run_name(number, spec), nested=True, tags=tags)
+    status = "FAILED"
+    try:
+        mlflow.log_params({**spec.params(), "seed": seed, **extra_params})
+        yield run
+        status = "FINISHED"
+    except optuna.TrialPruned:
+        mlflow.set_tag(STATE_TAG, "PRUNED")
+        status = "FINISHED"  # pruning is the search working as meant, not a failure
+        raise
+    except KeyboardInterrupt:
+        mlflow.set_tag(STATE_TAG, "FAIL")
+        status = "KILLED"
+        raise
+    except BaseException:
+        mlflow.set_tag(STATE_TAG, "FAIL")
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+def set_state(state: str) -> None:
+    mlflow.set_tag(STATE_TAG, state)
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Per-epoch train/validation loss and accuracy (and the learning rate) as step metrics."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        metrics = {k: float(v) for k, v in (logs or {}).items() if np.isfinite(float(v))}
+        mlflow.log_metrics(metrics, step=epoch)
+
+
+def _pip_requirements() -> list[str]:
+    import tensorflow as tf  # noqa: PLC0415
+
+    # Named explicitly: MLflow's own inference loads the model in a subprocess, slow on 2 cores.
+    return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"numpy=={np.__version__}"]
+
+
+def log_keras_model(model: keras.Model, classes: tuple[str, ...], example: np.ndarray) -> None:
+    """The model as an MLflow Keras model: raw-pixel input, signature, example, class list."""
+    example = example.astype(np.float32)
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    # save_model + log_artifacts: mlflow 3.17's keras log_model writes the input example before it
+    # creates the model folder, and fails whenever an example is given.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MODEL_NAME
+        path.mkdir()
+        mlflow.keras.save_model(model, str(path), signature=signature, input_example=example,
+                                pip_requirements=_pip_requirements(), metadata={"classes": "".join(classes)})
+        mlflow.log_artifacts(str(path), MODEL_NAME)
+
+
+def save_predictions(path: Path, classes: tuple[str, ...], **arrays: np.ndarray | None) -> None:
+    """Probabilities as float16 with uint8 labels: ~100 bytes an image for 47 classes."""
+    packed = {k: (v.astype(np.float16) if k.endswith("_probs") else v.astype(np.uint8))
+              for k, v in arrays.items() if v is not None}
+    np.savez_compressed(path, classes=np.array(list(classes)), **packed)
+
+
+def log_trial_result(result, spec: TrialSpec, classes: tuple[str, ...], *, param_count: int,
+                     test_images: np.ndarray | None = None, wrong_index: np.ndarray | None = None) -> None:
+    """Final metrics, the model, compact predictions and the plots of one finished trial."""
+    metrics = {"val_accuracy": result.val_accuracy, "epochs_run": result.epochs_run,
+               "train_seconds": result.seconds, "param_count": param_count}
+    if result.test_accuracy is not None:
+        metrics["test_accuracy"] = result.test_accuracy
+    mlflow.log_metrics(metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / PREDICTIONS
+        save_predictions(path, classes, val_probs=result.val_probs, val_labels=result.val_labels,
+                         test_probs=result.test_probs, test_labels=result.test_labels)
+        mlflow.log_artifact(str(path))
+    log_figure(plots.learning_curve(result.history), "plots/learning_curve.png")
+    if result.test_probs is not None:
+        predicted = result.test_probs.argmax(axis=1)
+        log_figure(plots.confusion(result.test_labels, predicted, classes), "plots/confusion_matrix.png")
+        if test_images is not None and wrong_index is not None:
+            log_figure(plots.misclassified(test_images, result.test_labels[wrong_index],
+                                           predicted[wrong_index], classes), "plots/misclassified.png")
+
+
+def log_figure(fig, path: str) -> None:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    mlflow.log_figure(fig, path)
+    plt.close(fig)
+
+
+def log_study_summary(study: optuna.Study) -> None:
+    """Best trial, a CSV of all trials, and Optuna's history and importance plots on the parent."""
+    frame = study.trials_dataframe()
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False)
+    mlflow.log_text(buffer.getvalue(), "trials.csv")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    mlflow.log_metrics({"n_trials": len(study.trials), "n_complete": len(complete)})
+    if not complete:
+        return
+    best = study.best_trial
+    mlflow.log_dict({"number": best.number, "value": best.value, "params": best.params,
+                     "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}, "best_trial.json")
+    mlflow.log_metric("best_val_accuracy", best.value)
+    mlflow.set_tag("best_trial", str(best.number))
+    from optuna.visualization import matplotlib as ovm  # noqa: PLC0415
+
+    log_figure(ovm.plot_optimization_history(study).figure, "plots/optimization_history.png")
+    if len(complete) >= 2:
+        try:
+            log_figure(ovm.plot_param_importances(study).figure, "plots/param_importances.png")
+        except (ValueError, RuntimeError) as exc:  # e.g. every trial had the same parameters
+            print(f"note: no parameter-importance plot ({exc})")

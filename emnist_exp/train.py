@@ -1,0 +1,67 @@
+"""Entry point: one worker of an Optuna study; every trial a nested MLflow run (`mlflow run . -e train`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from emnist_exp.errors import cli_main
+
+OPTIONS = [  # (flag, help) — one flag per MLproject parameter of the `train` entry point
+    ("dataset", "emnist/bymerge (tfds, default), idx:<folder> of official EMNIST gzip files, or synthetic[:N]"),
+    ("study", "Optuna study name; rerunning with the same name continues it (default: emnist)"),
+    ("n_trials", "trials this worker runs (default: 10)"),
+    ("epochs", "maximum epochs per trial; early stopping on validation may end sooner (default: 10)"),
+    ("timeout", "seconds after which this worker starts no new trial; 0 = none"),
+    ("max_examples", "cap on training examples, validation included; 0 = all"),
+    ("seed", "seeds Keras, tf.data shuffling and the TPE sampler (default: 0)"),
+    ("storage", "Optuna storage URL, e.g. postgresql://user@host/db (default: sqlite:///optuna.db)"),
+    ("preset", "a preset in experiments/ (quick, sample, bymerge) or a .toml path; flags override it"),
+    ("data_dir", "tfds data dir for prepared datasets (default: TFDS_DATA_DIR or ~/tensorflow_datasets)"),
+    ("val_fraction", "share of train carved off for validation (default: 0.1)"),
+    ("space", "search space: full (everything) or seed (the seed recipe, nothing searched)"),
+    ("pruner", "median (default), hyperband or none"),
+    ("patience", "early-stopping patience in epochs (default: 3)"),
+    ("shuffle_buffer", "tf.data shuffle buffer in examples (default: 10000)"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m emnist_exp.train",
+        description="Run one worker of an Optuna study of CNN variants on EMNIST, logging each trial as a "
+        "nested MLflow run. Values come from the defaults, then --preset, then these flags.",
+    )
+    for name, text in OPTIONS:
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(*flags, dest=name, default=None, metavar=name.upper(), help=text)
+    return vars(parser.parse_args(argv))
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    from emnist_exp.config import resolve  # noqa: PLC0415 (keep --help free of TensorFlow)
+
+    cfg = resolve(parse_args(argv))
+    from emnist_exp import data, study as studies, tracking  # noqa: PLC0415
+
+    studies.quiet_libraries()
+
+    url = cfg.storage or studies.DEFAULT_STORAGE
+    storage = studies.open_storage(url)
+    splits = data.load_splits(cfg.dataset, val_fraction=cfg.val_fraction, max_examples=cfg.max_examples,
+                              data_dir=cfg.data_dir, seed=cfg.seed)
+    counts = ", ".join(f"{k} {v:,}" for k, v in splits.counts.items())
+    print(f"dataset {cfg.dataset}: {len(splits.classes)} classes; {counts}", file=sys.stderr)
+    study = studies.make_study(cfg, storage)
+    with tracking.study_run(cfg.to_dict(), storage=studies.redact(url), sampler=f"TPESampler(seed={cfg.seed})"):
+        try:
+            study.optimize(studies.Objective(cfg, splits), n_trials=cfg.n_trials, timeout=cfg.timeout or None,
+                           callbacks=[studies.Progress(cfg.n_trials)], gc_after_trial=True)
+        finally:
+            tracking.log_study_summary(study)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Train one TrialSpec on the splits and predict val/test. Keras only: no Optuna, no MLflow."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from emnist_exp import data, model as models
+from emnist_exp.search import TrialSpec
+
+EVAL_BATCH = 512
+
+
+@dataclass
+class TrainResult:
+    model: keras.Model
+    history: dict[str, list[float]]
+    seconds: float
+    val_probs: np.ndarray
+    val_labels: np.ndarray
+    test_probs: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
+    diverged: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history.get("loss", []))
+
+    @property
+    def val_accuracy(self) -> float:
+        return accuracy(self.val_probs, self.val_labels)
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return None if self.test_probs is None else accuracy(self.test_probs, self.test_labels)
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(probs, axis=1) == labels)) if len(labels) else float("nan")
+
+
+def predict(model: keras.Model, ds) -> np.ndarray:
+    """Class probabilities for an unbatched split, in order."""
+    return model.predict(data.eval_pipeline(ds, batch_size=EVAL_BATCH), verbose=0)
+
+
+def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: int, seed: int,
+               shuffle_buffer: int, callbacks: list | None = None, verbose: int = 2) -> TrainResult:
+    """Fit with early stopping on validation accuracy (best weights kept), then predict val and test."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    num_classes = len(splits.classes)
+    net = models.build_model(spec, num_classes)
+    steps = models.steps_for(splits.counts["train"], spec.batch_size)
+    models.compile_model(net, spec, steps, epochs)
+    train_ds = data.training_pipeline(
+        splits.train, num_classes=num_classes, batch_size=spec.batch_size, seed=seed,
+        shuffle_buffer=shuffle_buffer, augment=models.build_augmenter(spec, seed),
+    )
+    val_ds = data.eval_pipeline(splits.val, batch_size=EVAL_BATCH, num_classes=num_classes)
+    stop = keras.callbacks.EarlyStopping("val_accuracy", patience=patience, restore_best_weights=True)
+    nan = keras.callbacks.TerminateOnNaN()
+    started = time.perf_counter()
+    fit = net.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose,
+                  callbacks=[*models.schedule_callbacks(spec), nan, stop, *(callbacks or [])])
+    seconds = time.perf_counter() - started
+    history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
+    diverged = any(not math.isfinite(v) for v in history.get("loss", []))
+    result = TrainResult(net, history, seconds, val_probs=np.zeros((0, num_classes)),
+                         val_labels=data.labels_of(splits.val), diverged=diverged)
+    if diverged:
+        return result
+    result.val_probs = predict(net, splits.val)
+    if splits.test is not None:
+        result.test_probs = predict(net, splits.test)
+        result.test_labels = data.labels_of(splits.test)
+    return result
