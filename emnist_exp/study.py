@@ -96,7 +96,9 @@ class Objective:
         cfg, splits = self.cfg, self.splits
         spec = suggest_spec(trial, cfg.space)
         seed = cfg.seed + trial.number
-        extra = {"dataset": cfg.dataset, "n_train": splits.counts["train"], "max_epochs": cfg.epochs}
+        # What it takes to rebuild this trial's splits (the ensemble's fallback to inference).
+        extra = {"dataset": cfg.dataset, "val_fraction": cfg.val_fraction, "max_examples": cfg.max_examples,
+                 "data_dir": cfg.data_dir, "n_train": splits.counts["train"], "max_epochs": cfg.epochs}
         with tracking.trial_run(cfg.study, trial.number, spec, seed, extra) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             pruning = PruningCallback(trial)

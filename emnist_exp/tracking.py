@@ -188,3 +188,101 @@ def log_study_summary(study: optuna.Study) -> None:
             log_figure(ovm.plot_param_importances(study).figure, "plots/param_importances.png")
         except (ValueError, RuntimeError) as exc:  # e.g. every trial had the same parameters
             print(f"note: no parameter-importance plot ({exc})")
+
+
+# ---- reading the store back: studies, trial runs, their predictions -------------------------------
+
+
+def latest_study() -> str | None:
+    """The study of the most recently started study run, across experiments."""
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0].data.tags.get(STUDY_TAG) if runs else None
+
+
+def finished_trials(*, study: str | None = None, experiment: str | None = None,
+                    run_ids: list[str] | None = None) -> list[mlflow.entities.Run]:
+    """COMPLETE trial runs, best validation accuracy first."""
+    if run_ids:
+        return sorted((mlflow.get_run(r) for r in run_ids),
+                      key=lambda r: r.data.metrics.get("val_accuracy", float("-inf")), reverse=True)
+    where = [f"tags.`{ROLE_TAG}` = 'trial'", f"tags.`{STATE_TAG}` = 'COMPLETE'", "attributes.status = 'FINISHED'"]
+    if study:
+        where.append(f"tags.`{STUDY_TAG}` = '{study}'")
+    kwargs: dict[str, Any] = {"search_all_experiments": True}
+    if experiment:
+        found = mlflow.get_experiment_by_name(experiment)
+        kwargs = {"experiment_ids": [found.experiment_id if found else experiment]}
+    return mlflow.search_runs(filter_string=" and ".join(where), order_by=["metrics.val_accuracy DESC"],
+                              output_format="list", **kwargs)
+
+
+def load_predictions(run_id: str) -> dict[str, np.ndarray] | None:
+    """A trial's logged predictions (float16 probabilities, uint8 labels), or None if it has none."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDICTIONS)
+    except Exception:  # noqa: BLE001 (missing artifact: the caller falls back to inference)
+        return None
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def load_keras_model(run_id: str) -> keras.Model:
+    return mlflow.keras.load_model(f"runs:/{run_id}/{MODEL_NAME}")
+
+
+def download_model(run_id: str) -> str:
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_NAME)
+
+
+def model_classes(uri: str) -> tuple[str, ...] | None:
+    """The class list a logged model carries in its metadata."""
+    from mlflow.models import get_model_info  # noqa: PLC0415
+
+    metadata = get_model_info(uri).metadata or {}
+    return tuple(metadata["classes"]) if "classes" in metadata else None
+
+
+ENSEMBLE_MODEL = "emnist-ensemble"
+
+
+def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, members: list[str],
+                 weights: np.ndarray | None, classes: tuple[str, ...], metrics: dict[str, float],
+                 tables: dict[str, str], figures: dict[str, Any], register: bool = True) -> tuple[str, str | None]:
+    """The ensemble run: members, weights, metrics, tables, plots, and the voting pyfunc model.
+
+    Returns the run id and the registered version (None when not registered).
+    """
+    from emnist_exp import serving  # noqa: PLC0415
+
+    package = str(Path(__file__).resolve().parent)
+    tags = {ROLE_TAG: "ensemble", "ensemble.strategy": strategy, "ensemble.members": ",".join(members)}
+    if study:
+        tags[STUDY_TAG] = study
+    name = f"ensemble-{study or 'runs'} {strategy} x{len(members)}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
+        mlflow.log_params({"strategy": strategy, "n_members": len(members), "members": ",".join(members)})
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict({"members": members, "weights": None if weights is None else weights.tolist(),
+                         "strategy": strategy}, "ensemble.json")
+        for path, text in tables.items():
+            mlflow.log_text(text, path)
+        for path, fig in figures.items():
+            log_figure(fig, path)
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_path = Path(tmp) / "ensemble.json"
+            spec_path.write_text(json.dumps({"strategy": strategy, "members": len(members), "classes": list(classes),
+                                             "weights": None if weights is None else weights.tolist()}))
+            artifacts = {"ensemble": str(spec_path)}
+            artifacts.update({f"member_{i}": download_model(r) for i, r in enumerate(members)})
+            example = np.zeros((2, 28, 28), np.float32)
+            signature = infer_signature(example, serving.EnsembleModel.example_output(classes))
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME, python_model=serving.EnsembleModel(), artifacts=artifacts,
+                code_paths=[package], signature=signature, pip_requirements=_pip_requirements()
+                + [f"mlflow=={mlflow.__version__}", "pandas", "scipy"],
+                metadata={"classes": "".join(classes)},
+                registered_model_name=ENSEMBLE_MODEL if register else None,
+            )
+        version = getattr(info, "registered_model_version", None)
+        return run.info.run_id, None if version is None else str(version)

@@ -58,7 +58,7 @@ def write_gzip(path, data: bytes) -> None:
         file.write(data)
 
 
-def random_split(n: int, seed: int, n_classes: int = len(BYMERGE_CLASSES)) -> tuple[np.ndarray, np.ndarray]:
+def random_split(n: int, seed: int, n_classes: int = len(BYMERGE_CLASSES)) -> tuple:
     """`n` random upright images and labels below `n_classes`."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, n_classes, n)

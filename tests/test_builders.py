@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from idxfiles import random_split, write_gzip, write_idx_folder, write_images, write_labels
+from idxfiles import random_split, write_idx_folder, write_images, write_labels
 
 from emnist_exp.builders.idx import EmnistIdx, idx_builder
 from emnist_exp.builders.synthetic import synthetic_builder
@@ -22,7 +22,8 @@ TRAIN_LABELS = "emnist-bymerge-train-labels-idx1-ubyte.gz"
 
 def read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
     """All (n, 28, 28) images and (n,) labels of one split, in stored order."""
-    images, labels = tfds.as_numpy(builder.as_dataset(split=split, as_supervised=True, batch_size=-1))
+    dataset = builder.as_dataset(split=split, as_supervised=True, batch_size=-1)
+    images, labels = tfds.as_numpy(dataset)
     return images[..., 0], labels
 
 
@@ -35,10 +36,11 @@ def test_idx_reads_train_and_test_as_stored(tmp_path):
 
     builder = idx_builder(str(folder), data_dir=str(tmp_path / "tfds"))
 
-    assert {name: split.num_examples for name, split in builder.info.splits.items()} == {"train": 5, "test": 3}
+    counts = {name: split.num_examples for name, split in builder.info.splits.items()}
+    assert counts == {"train": 5, "test": 3}
     for split, (upright, labels) in {"train": train, "test": test}.items():
         images, read_labels = read_split(builder, split)
-        np.testing.assert_array_equal(images, upright.transpose(0, 2, 1))  # stored transposed, as in the file
+        np.testing.assert_array_equal(images, upright.transpose(0, 2, 1))  # as stored in the file
         np.testing.assert_array_equal(read_labels, labels)
     assert builder.info.features["label"].names == list(BYMERGE_CLASSES)
     assert builder.info.metadata["orientation"] == "transposed"
@@ -58,9 +60,8 @@ def test_idx_accepts_a_folder_with_one_split(tmp_path, only):
 
 
 def test_idx_counts_come_from_the_headers(tmp_path):
-    folder = write_idx_folder(
-        tmp_path / "emnist", splits={"train": random_split(123, seed=4), "test": random_split(45, seed=5)}
-    )
+    splits = {"train": random_split(123, seed=4), "test": random_split(45, seed=5)}
+    folder = write_idx_folder(tmp_path / "emnist", splits=splits)
     builder = idx_builder(str(folder), data_dir=str(tmp_path / "tfds"))
     assert builder.info.splits["train"].num_examples == 123
     assert builder.info.splits["test"].num_examples == 45
@@ -83,7 +84,8 @@ def test_idx_folders_with_the_same_names_but_other_content_do_not_share_a_cache(
     folder_b = write_idx_folder(tmp_path / "b", splits={"train": second})
     data_dir = str(tmp_path / "tfds")
 
-    builder_a, builder_b = idx_builder(str(folder_a), data_dir), idx_builder(str(folder_b), data_dir)
+    builder_a = idx_builder(str(folder_a), data_dir)
+    builder_b = idx_builder(str(folder_b), data_dir)
 
     assert builder_a.builder_config.name != builder_b.builder_config.name
     np.testing.assert_array_equal(read_split(builder_a, "train")[0], first[0].transpose(0, 2, 1))
@@ -195,7 +197,7 @@ def make_unknown_label(folder):
         (make_missing, r"^EMNIST folder .*nowhere does not exist\.$"),
         (make_file, r"^EMNIST folder .*a file is a file, not a folder\.$"),
         (make_unrelated, r"holds no EMNIST IDX files"),
-        (make_two_names, r"holds files of several EMNIST datasets \(balanced, bymerge\); keep one per folder\.$"),
+        (make_two_names, r"several EMNIST datasets \(balanced, bymerge\); keep one per folder\.$"),
         (make_lone_images, rf"has {TRAIN_IMAGES} but not {TRAIN_LABELS}\.$"),
         (make_no_mapping, r"has no emnist-bymerge-mapping\.txt, which names the classes\.$"),
         (make_bad_mapping, r"^emnist-bymerge-mapping\.txt line 2 is not 'label ascii-code': '1 forty-nine'\.$"),
@@ -214,24 +216,26 @@ def test_idx_bad_input_is_one_clear_sentence_before_any_preparation(tmp_path, ma
     with pytest.raises(UserError, match=message) as raised:
         idx_builder(str(folder), data_dir=str(tmp_path / "tfds"))
 
-    assert "\n" not in str(raised.value)
+    sentence = str(raised.value)
+    assert sentence.endswith(".") and "\n" not in sentence
     assert not (tmp_path / "tfds").exists()
 
 
 def test_idx_reads_the_real_sample(tmp_path):
     folder = os.environ.get("EMNIST_SAMPLE_DIR")
     if not folder:
-        pytest.skip("EMNIST_SAMPLE_DIR not set: point it at the emnist-bymerge-sample folder to run this (~20 s).")
+        pytest.skip("EMNIST_SAMPLE_DIR not set: point it at emnist-bymerge-sample to run this (~20 s).")
 
     builder = idx_builder(folder, data_dir=str(tmp_path / "tfds"))
 
     assert builder.info.splits["train"].num_examples == 84_845
     assert builder.info.splits["test"].num_examples == 15_000
-    assert builder.info.features["label"].names == list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabdefghnqrt")
+    names = builder.info.features["label"].names
+    assert "".join(names) == "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabdefghnqrt"
     with gzip.open(os.path.join(folder, "emnist-bymerge-test-images-idx3-ubyte.gz")) as raw:
         first = np.frombuffer(raw.read(16 + 10 * 28 * 28), np.uint8, offset=16).reshape(10, 28, 28)
-    stored = np.stack([example["image"][..., 0] for example in tfds.as_numpy(builder.as_dataset(split="test").take(10))])
-    np.testing.assert_array_equal(stored, first)
+    stored = tfds.as_numpy(builder.as_dataset(split="test").take(10))
+    np.testing.assert_array_equal(np.stack([example["image"][..., 0] for example in stored]), first)
 
 
 # Synthetic set
@@ -257,7 +261,7 @@ def test_synthetic_has_47_classes_white_on_black(tmp_path):
     assert builder.info.splits["test"].num_examples == 470 // 6
     assert builder.info.features["label"].names == list(BYMERGE_CLASSES)
     assert np.bincount(labels, minlength=47).tolist() == [10] * 47
-    border = np.concatenate([images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]], axis=1)
+    border = np.concatenate([images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]], 1)
     assert (border == 0).mean() > 0.95  # black background, glyph inside the frame
     assert (images.max(axis=(1, 2)) >= 200).all()  # every glyph has bright ink
     assert 0.05 < (images > 128).mean() < 0.35  # strokes, neither blank nor filled boxes
@@ -266,7 +270,8 @@ def test_synthetic_has_47_classes_white_on_black(tmp_path):
 
 def test_synthetic_glyphs_are_upright(tmp_path):
     # An upright L has its corner at the bottom left: the bottom and left quarters of its ink box
-    # hold more ink than the top and right ones. Transposed, flipped or rotated, it would not.
+    # hold more ink than the top and right ones (measured: about 1.8x and 2x). Transposed or
+    # flipped upside down, the ratios fall to about 0.5.
     builder = synthetic_builder(940, data_dir=str(tmp_path / "tfds"))
     images, labels = read_split(builder, "train")
     quarters = {"top": [], "bottom": [], "left": [], "right": []}
@@ -280,12 +285,12 @@ def test_synthetic_glyphs_are_upright(tmp_path):
         quarters["right"].append(box[:, -(width // 4) :].sum())
 
     assert len(quarters["top"]) == 20
-    assert np.mean(quarters["bottom"]) > 1.5 * np.mean(quarters["top"])
-    assert np.mean(quarters["left"]) > 1.5 * np.mean(quarters["right"])
+    assert np.mean(quarters["bottom"]) > 1.2 * np.mean(quarters["top"])
+    assert np.mean(quarters["left"]) > 1.2 * np.mean(quarters["right"])
 
 
 def test_synthetic_is_learnable(tmp_path):
-    keras = pytest.importorskip("keras")
+    import keras  # here, so that collecting the other tests does not pay for it
     builder = synthetic_builder(3000, data_dir=str(tmp_path / "tfds"))
     x_train, y_train = read_split(builder, "train")
     x_test, y_test = read_split(builder, "test")
@@ -306,7 +311,7 @@ def test_synthetic_is_learnable(tmp_path):
 
     model.fit(x_train[..., None], y_train, batch_size=32, epochs=1, verbose=0)
 
-    # One epoch on 3000 examples measured 0.43-0.51 on 500 test examples over 3 seeds; chance is 0.02.
+    # One epoch on 3000 examples gave 0.43-0.51 on the 500 test ones over 3 seeds; chance is 0.02.
     assert model.evaluate(x_test[..., None], y_test, verbose=0)[1] > 0.25
 
 

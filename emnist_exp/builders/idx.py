@@ -1,4 +1,4 @@
-"""tfds builder for a local folder of official EMNIST gzip IDX files, read in place (no download)."""
+"""tfds builder for a local folder of official EMNIST gzip IDX files, read in place, no download."""
 
 from __future__ import annotations
 
@@ -21,10 +21,13 @@ from emnist_exp.errors import UserError
 IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension
 SIDE = 28
+MAX_LABEL = 10_000
 
-# File names of the `gzip/` folder of EMNIST's gzip.zip.
-IDX_FILE = re.compile(r"emnist-(?P<name>\w+)-(?P<split>train|test)-(?P<kind>images|labels)-(?P<idx>idx[13])-ubyte\.gz")
-KINDS = {"images": ("idx3", IMAGES_MAGIC), "labels": ("idx1", LABELS_MAGIC)}  # kind: (IDX type, magic)
+# File names of the `gzip/` folder of EMNIST's gzip.zip
+IDX_FILE = re.compile(
+    r"emnist-(?P<name>\w+)-(?P<split>train|test)-(?P<kind>images-idx3|labels-idx1)-ubyte\.gz"
+)
+KINDS = {"images": ("idx3", IMAGES_MAGIC), "labels": ("idx1", LABELS_MAGIC)}  # IDX type, magic
 SPLITS = ("train", "test")
 
 HOMEPAGE = "https://www.nist.gov/itl/products-and-services/emnist-dataset"
@@ -39,11 +42,13 @@ CITATION = """@article{cohen_afshar_tapson_schaik_2017,
 
 @dataclasses.dataclass(eq=False, kw_only=True)
 class EmnistIdxConfig(tfds.core.BuilderConfig):
-    """One folder of EMNIST IDX files. `name` hashes their content; `folder` is only where they are."""
+    """One folder of EMNIST IDX files: `name` hashes their content, `folder` says where they are."""
 
     folder: str = ""
     emnist_name: str = ""  # the <name> in emnist-<name>-train-images-idx3-ubyte.gz, e.g. bymerge
-    classes: tuple[str, ...] = ()  # label index -> character, from emnist-<name>-mapping.txt
+    # Label index -> character(s), from emnist-<name>-mapping.txt. A label the mapping skips (0 in
+    # emnist-letters) is named unused_<label>, so that label numbers stay those of the files.
+    classes: tuple[str, ...] = ()
 
 
 class EmnistIdx(tfds.core.GeneratorBasedBuilder):
@@ -105,7 +110,7 @@ def idx_builder(folder: str, data_dir: str | None = None) -> tfds.core.DatasetBu
 
 
 def folder_fingerprint(folder: str) -> str:
-    """sha1 over the names and bytes of the folder's EMNIST files, so equal content means equal hash."""
+    """sha1 over the names and bytes of the folder's EMNIST files: equal content, equal hash."""
     splits, mapping_path = find_files(os.fspath(folder))
     digest = hashlib.sha1()
     for path in sorted([mapping_path, *(path for pair in splits.values() for path in pair)]):
@@ -117,21 +122,23 @@ def folder_fingerprint(folder: str) -> str:
 
 
 def find_files(folder: str) -> tuple[dict[str, tuple[str, str]], str]:
-    """Return {split: (images path, labels path)} for each complete pair, and the mapping file path."""
+    """{split: (images path, labels path)} for each pair of files, and the mapping file's path."""
     if not os.path.exists(folder):
         raise UserError(f"EMNIST folder {folder} does not exist.")
     if not os.path.isdir(folder):
         raise UserError(f"EMNIST folder {folder} is a file, not a folder.")
-    matches = [m for m in map(IDX_FILE.fullmatch, sorted(os.listdir(folder))) if m]
-    found = {(m["name"], m["split"], m["kind"]): m.string for m in matches if m["idx"] == KINDS[m["kind"]][0]}
+    found = {}  # (name, split, kind) -> file name
+    for match in filter(None, map(IDX_FILE.fullmatch, sorted(os.listdir(folder)))):
+        found[match["name"], match["split"], match["kind"].split("-")[0]] = match.string
     names = sorted({name for name, _, _ in found})
     if not names:
-        raise UserError(
-            f"{folder} holds no EMNIST IDX files (named like emnist-bymerge-train-images-idx3-ubyte.gz)."
-        )
+        example = idx_name("bymerge", "train", "images")
+        raise UserError(f"{folder} holds no EMNIST IDX files (named like {example}).")
     if len(names) > 1:
         listed = ", ".join(names)
-        raise UserError(f"{folder} holds files of several EMNIST datasets ({listed}); keep one per folder.")
+        raise UserError(
+            f"{folder} holds files of several EMNIST datasets ({listed}); keep one per folder."
+        )
     name = names[0]
     splits = {}
     for split in SPLITS:
@@ -161,8 +168,9 @@ def read_mapping(path: str) -> dict[int, str]:
             if not line.strip():
                 continue
             fields = line.split()
-            # A label above 10,000 would blow up the class list: EMNIST has at most 62 classes.
-            if len(fields) < 2 or not all(field.isdigit() for field in fields) or int(fields[0]) > 10_000:
+            well_formed = len(fields) >= 2 and all(field.isdigit() for field in fields)
+            # A huge label would blow up the class list: EMNIST has at most 62 classes.
+            if not well_formed or int(fields[0]) > MAX_LABEL:
                 raise UserError(f"{file} line {number} is not 'label ascii-code': {line.strip()!r}.")
             label, codes = int(fields[0]), [int(field) for field in fields[1:]]
             if not all(0 < code < 0x110000 for code in codes):
@@ -177,18 +185,19 @@ def read_mapping(path: str) -> dict[int, str]:
     return names
 
 
-def check_pair(images_path: str, labels_path: str, mapping_path: str, mapping: dict[int, str]) -> None:
+def check_pair(images_path: str, labels_path: str, mapping_path: str, mapping: dict) -> None:
     """Raise UserError unless the two files agree in count and every label is in the mapping."""
     images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
     images_file, labels_file = os.path.basename(images_path), os.path.basename(labels_path)
     if len(images) != len(labels):
-        raise UserError(
-            f"{images_file} holds {len(images)} images but {labels_file} holds {len(labels)} labels."
-        )
+        counts = f"{len(images)} images but {labels_file} holds {len(labels)} labels"
+        raise UserError(f"{images_file} holds {counts}.")
     unknown = [int(label) for label in np.unique(labels) if int(label) not in mapping]
     if unknown:
         mapping_file = os.path.basename(mapping_path)
-        raise UserError(f"{labels_file} holds label {unknown[0]}, which {mapping_file} does not list.")
+        raise UserError(
+            f"{labels_file} holds label {unknown[0]}, which {mapping_file} does not list."
+        )
 
 
 def read_idx(path: str, kind: str) -> np.ndarray:
@@ -199,20 +208,21 @@ def read_idx(path: str, kind: str) -> np.ndarray:
     header_size = 4 * (1 + n_dims)
     if len(data) < 4:
         raise UserError(f"{file} is truncated: it is too short to hold an IDX header.")
-    found_magic = struct.unpack(">i", data[:4])[0]
-    if found_magic != magic:
-        raise UserError(f"{file} is not an IDX {kind} file: its magic number is {found_magic}, not {magic}.")
+    found = struct.unpack(">I", data[:4])[0]
+    if found != magic:
+        raise UserError(f"{file} is not an IDX {kind} file: its magic number is {found}, not {magic}.")
     if len(data) < header_size:
         raise UserError(f"{file} is truncated: it is too short to hold an IDX header.")
-    dims = list(struct.unpack(f">{n_dims}i", data[4:header_size]))
+    dims = list(struct.unpack(f">{n_dims}I", data[4:header_size]))
     if dims[1:] and dims[1:] != [SIDE, SIDE]:
-        raise UserError(f"{file} holds {dims[1]}x{dims[2]} images, but EMNIST images are {SIDE}x{SIDE}.")
+        raise UserError(f"{file} holds {dims[1]}x{dims[2]} images, but EMNIST's are {SIDE}x{SIDE}.")
     item_size = SIDE * SIDE if kind == "images" else 1
     held, extra = divmod(len(data) - header_size, item_size)
-    if held < dims[0]:
-        raise UserError(f"{file} is truncated: header says {dims[0]} {kind} but the file holds {held}.")
-    if held > dims[0] or extra:
-        raise UserError(f"{file} is longer than its header says: {dims[0]} {kind}, then extra bytes.")
+    count = dims[0]
+    if held < count:
+        raise UserError(f"{file} is truncated: header says {count} {kind} but the file holds {held}.")
+    if held > count or extra:
+        raise UserError(f"{file} is longer than its header says: {count} {kind}, then more bytes.")
     return np.frombuffer(data, np.uint8, offset=header_size).reshape(dims)
 
 
@@ -228,6 +238,8 @@ def gunzip(path: str) -> bytes:
         raise UserError(f"{file} is truncated: its gzip stream ends early.") from None
     except zlib.error as exc:
         raise UserError(f"{file} is corrupt: its gzip data is damaged ({exc}).") from None
+    except OSError as exc:
+        raise UserError(f"{file} cannot be read: {exc.strerror or exc}.") from None
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -245,5 +257,5 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def png_chunk(tag: bytes, data: bytes) -> bytes:
-    """One PNG chunk: length, tag, data, CRC of tag and data (https://www.w3.org/TR/png/#5Chunk-layout)."""
+    """One PNG chunk: length, tag, data, CRC (https://www.w3.org/TR/png/#5Chunk-layout)."""
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))

@@ -78,10 +78,10 @@ class EmnistSynthetic(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             description=(
                 "EMNIST-like synthetic characters of the 47 bymerge classes, rendered offline from "
-                "matplotlib's fonts with random affine, stroke-width and elastic distortions, then "
-                "fitted to 20 px and centred by centre of mass in 28x28, white on black. Images are "
-                "stored UPRIGHT, unlike the official EMNIST files and tfds `emnist`, whose images "
-                "are transposed."
+                "matplotlib's fonts with random affine, stroke-width and elastic distortions, "
+                "then fitted to 20 px and centred by centre of mass in 28x28, white on black. "
+                "Images are stored UPRIGHT, unlike the official EMNIST files and tfds `emnist`, "
+                "whose images are transposed."
             ),
             features=tfds.features.FeaturesDict(
                 {
@@ -96,18 +96,24 @@ class EmnistSynthetic(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # nothing to download
-        counts = {"train": self.builder_config.size, "test": self.builder_config.size // TEST_FRACTION}
-        return {split: self._generate_examples(split, count) for split, count in counts.items() if count}
+        size = self.builder_config.size
+        counts = {"train": size, "test": size // TEST_FRACTION}
+        return {split: self._generate_examples(split, n) for split, n in counts.items() if n}
 
     def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict]]:
         for start in range(0, count, CHUNK):
-            rng = np.random.default_rng((self.builder_config.seed, SPLIT_IDS[split], start // CHUNK))
-            labels = rng.permutation(np.arange(start, min(start + CHUNK, count)) % len(BYMERGE_CLASSES))
+            seed = (self.builder_config.seed, SPLIT_IDS[split], start // CHUNK)
+            rng = np.random.default_rng(seed)
+            # Each chunk holds the classes in turn, shuffled: balanced, and all 47 from 47 examples.
+            indices = np.arange(start, min(start + CHUNK, count))
+            labels = rng.permutation(indices % len(BYMERGE_CLASSES))
             for offset, (image, label) in enumerate(zip(render_batch(labels, rng), labels)):
                 yield start + offset, {"image": png_bytes(image), "label": int(label)}
 
 
-def synthetic_builder(size: int = 12000, data_dir: str | None = None, seed: int = 0) -> tfds.core.DatasetBuilder:
+def synthetic_builder(
+    size: int = 12000, data_dir: str | None = None, seed: int = 0
+) -> tfds.core.DatasetBuilder:
     """Return a prepared EmnistSynthetic builder with `size` train examples and size//6 test examples."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise UserError(f"The synthetic dataset size must be a positive integer, not {size!r}.")
@@ -115,7 +121,7 @@ def synthetic_builder(size: int = 12000, data_dir: str | None = None, seed: int 
         raise UserError(f"The synthetic dataset seed must be a non-negative integer, not {seed!r}.")
     config = EmnistSyntheticConfig(
         name=f"n{size}_s{seed}",
-        description=f"{size} train and {size // TEST_FRACTION} test examples drawn from seed {seed}.",
+        description=f"{size} train and {size // TEST_FRACTION} test examples from seed {seed}.",
         size=size,
         seed=seed,
     )
@@ -135,26 +141,34 @@ def render_batch(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def font_paths() -> list[str]:
     """Paths of the FONT_FILES that this matplotlib ships and that draw all 47 characters."""
     folder = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
-    paths = [os.path.join(folder, name) for name in FONT_FILES if os.path.exists(os.path.join(folder, name))]
-    return [path for path in paths if all(ord(char) in FT2Font(path).get_charmap() for char in BYMERGE_CLASSES)]
+    paths = [os.path.join(folder, name) for name in FONT_FILES]
+    return [path for path in paths if os.path.exists(path) and draws_all_classes(path)]
+
+
+def draws_all_classes(font_path: str) -> bool:
+    """Whether the font has a glyph for each of the 47 characters (else Pillow draws a box)."""
+    charmap = FT2Font(font_path).get_charmap()
+    return all(ord(char) in charmap for char in BYMERGE_CLASSES)
 
 
 @functools.lru_cache(maxsize=1)
 def glyph_atlas() -> np.ndarray:
-    """(classes * fonts, TILE, TILE) float32 base glyphs in [0, 1]; glyph of (c, f) at c * fonts + f."""
+    """(classes * fonts, TILE, TILE) float32 glyphs in [0, 1]; class c, font f is c * fonts + f."""
     fonts = [ImageFont.truetype(path, DRAW_FONT_PX) for path in font_paths()]
     if not fonts:
-        raise UserError("This matplotlib ships none of the fonts the synthetic dataset is drawn from.")
+        raise UserError("This matplotlib ships none of the fonts the synthetic set is drawn from.")
     return np.stack([base_glyph(font, char) for char in BYMERGE_CLASSES for font in fonts])
 
 
 def base_glyph(font: ImageFont.FreeTypeFont, char: str) -> np.ndarray:
-    """Draw `char` large, crop it to its ink, shrink its longer side to GLYPH_PX, centre it in a tile."""
+    """Draw `char` large, crop it to its ink, shrink it to GLYPH_PX, centre it in a tile."""
     canvas = Image.new("L", (2 * DRAW_FONT_PX, 2 * DRAW_FONT_PX), 0)
-    ImageDraw.Draw(canvas).text((DRAW_FONT_PX, DRAW_FONT_PX), char, fill=255, font=font, anchor="mm")
+    middle = (DRAW_FONT_PX, DRAW_FONT_PX)
+    ImageDraw.Draw(canvas).text(middle, char, fill=255, font=font, anchor="mm")
     ink = canvas.crop(canvas.getbbox())
     fit = GLYPH_PX / max(ink.size)
-    ink = ink.resize((max(1, round(ink.width * fit)), max(1, round(ink.height * fit))), Image.Resampling.LANCZOS)
+    size = (max(1, round(ink.width * fit)), max(1, round(ink.height * fit)))
+    ink = ink.resize(size, Image.Resampling.LANCZOS)
     tile = Image.new("L", (TILE, TILE), 0)
     tile.paste(ink, ((TILE - ink.width) // 2, (TILE - ink.height) // 2))
     return np.asarray(tile, dtype=np.float32) / 255.0
@@ -166,7 +180,8 @@ def warp(atlas: np.ndarray, glyph_ids: np.ndarray, rng: np.random.Generator) -> 
     angle = np.deg2rad(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, n))
     cos, sin, zero, one = np.cos(angle), np.sin(angle), np.zeros(n), np.ones(n)
     rotate = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
-    shear = np.stack([np.stack([one, zero], -1), np.stack([rng.uniform(-MAX_SHEAR, MAX_SHEAR, n), one], -1)], -2)
+    slant = rng.uniform(-MAX_SHEAR, MAX_SHEAR, n)
+    shear = np.stack([np.stack([one, zero], -1), np.stack([slant, one], -1)], -2)
     scale = rng.uniform(*SCALE_RANGE, (n, 2))[:, :, None] * np.eye(2)
     canvas_to_glyph = np.linalg.inv(rotate @ shear @ scale).astype(np.float32)
 
@@ -176,7 +191,8 @@ def warp(atlas: np.ndarray, glyph_ids: np.ndarray, rng: np.random.Generator) -> 
     source = np.clip(source, 0, TILE - 1)  # off-glyph points land on the tile's zero border
     source[0] += (glyph_ids * TILE)[:, None, None]  # row in the atlas seen as one tall image
     flat_atlas = atlas.reshape(-1, TILE)
-    return ndimage.map_coordinates(flat_atlas, source.reshape(2, -1), order=1).reshape(n, WORK_PX, WORK_PX)
+    ink = ndimage.map_coordinates(flat_atlas, source.reshape(2, -1), order=1)
+    return ink.reshape(n, WORK_PX, WORK_PX)
 
 
 def elastic_field(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -197,7 +213,8 @@ def upsample_matrix() -> np.ndarray:
     """(WORK_PX, ELASTIC_GRID) float32 bilinear interpolation from the coarse grid to the canvas."""
     at = np.linspace(0, ELASTIC_GRID - 1, WORK_PX)
     nodes = np.arange(ELASTIC_GRID)
-    return np.stack([np.interp(at, nodes, one) for one in np.eye(ELASTIC_GRID)], axis=1).astype(np.float32)
+    columns = [np.interp(at, nodes, one_hot) for one_hot in np.eye(ELASTIC_GRID)]
+    return np.stack(columns, axis=1).astype(np.float32)
 
 
 def thicken(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -210,31 +227,35 @@ def thicken(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def frame(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Fit each canvas's ink to 20 px, centre it by centre of mass in 28x28, blur, add noise: uint8."""
+    """Fit each canvas's ink to 20 px, centre it by centre of mass in 28x28, finish it: uint8."""
     n = len(ink)
-    mask = ink > INK_THRESHOLD
-    top, bottom = ink_span(mask.any(axis=2))
-    left, right = ink_span(mask.any(axis=1))
-    step = np.maximum(bottom - top, right - left).astype(np.float32) / (FIT_PX - 1)  # canvas px per frame px
-    step = np.maximum(step, 1e-3)  # an empty canvas stays empty instead of dividing by zero
-    mass = np.maximum(ink.sum(axis=(1, 2)), 1e-6)
-    axis = np.arange(WORK_PX, dtype=np.float32)
-    com_row = (ink.sum(axis=2) @ axis) / mass
-    com_col = (ink.sum(axis=1) @ axis) / mass
-    # Frame position of the centre of mass: the middle, unless that would push ink out of the frame.
-    mid = (SIDE - 1) / 2
-    at_row = np.clip(mid, (com_row - top) / step, SIDE - 1 - (bottom - com_row) / step)
-    at_col = np.clip(mid, (com_col - left) / step, SIDE - 1 - (right - com_col) / step)
-
-    grid = np.arange(SIDE, dtype=np.float32)
-    rows = com_row[:, None] + (grid[None, :] - at_row[:, None]) * step[:, None]  # (n, SIDE)
-    cols = com_col[:, None] + (grid[None, :] - at_col[:, None]) * step[:, None]
+    rows, cols = frame_positions(ink)
     padded = np.pad(ink, ((0, 0), (1, 1), (1, 1)))  # a zero rim for points outside the canvas
     rows = np.clip(rows + 1, 0, WORK_PX + 1) + (np.arange(n) * (WORK_PX + 2))[:, None]
     cols = np.clip(cols + 1, 0, WORK_PX + 1)
     coords = np.stack(np.broadcast_arrays(rows[:, :, None], cols[:, None, :])).reshape(2, -1)
-    out = ndimage.map_coordinates(padded.reshape(-1, WORK_PX + 2), coords, order=1).reshape(n, SIDE, SIDE)
-    return finish(out, rng)
+    out = ndimage.map_coordinates(padded.reshape(-1, WORK_PX + 2), coords, order=1)
+    return finish(out.reshape(n, SIDE, SIDE), rng)
+
+
+def frame_positions(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 28) canvas rows and columns that the frame's rows and columns sample."""
+    mask = ink > INK_THRESHOLD
+    top, bottom = ink_span(mask.any(axis=2))
+    left, right = ink_span(mask.any(axis=1))
+    extent = np.maximum(bottom - top, right - left).astype(np.float32)
+    step = np.maximum(extent / (FIT_PX - 1), 1e-3)  # canvas px per frame px; 1e-3 if no ink
+    mass = np.maximum(ink.sum(axis=(1, 2)), 1e-6)
+    axis = np.arange(WORK_PX, dtype=np.float32)
+    com_row, com_col = (ink.sum(axis=2) @ axis) / mass, (ink.sum(axis=1) @ axis) / mass
+    # Frame position of the centre of mass: the middle, unless that would push ink out of the frame.
+    mid = (SIDE - 1) / 2
+    at_row = np.clip(mid, (com_row - top) / step, SIDE - 1 - (bottom - com_row) / step)
+    at_col = np.clip(mid, (com_col - left) / step, SIDE - 1 - (right - com_col) / step)
+    grid = np.arange(SIDE, dtype=np.float32)[None, :]
+    rows = com_row[:, None] + (grid - at_row[:, None]) * step[:, None]
+    cols = com_col[:, None] + (grid - at_col[:, None]) * step[:, None]
+    return rows, cols
 
 
 def ink_span(any_ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -245,11 +266,12 @@ def ink_span(any_ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def finish(out: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Blur each frame by a random amount, set its peak to 217..255, add noise on the ink, to uint8."""
+    """Blur each frame by a random amount, set its peak to 217..255, add noise on the ink: uint8."""
     n = len(out)
     blurred = ndimage.gaussian_filter(out, sigma=(0, BLUR_SIGMA, BLUR_SIGMA), truncate=2.0)
     out += rng.uniform(0, 1, (n, 1, 1)).astype(np.float32) * (blurred - out)
-    out *= rng.uniform(0.85, 1.0, (n, 1, 1)) * 255.0 / np.maximum(out.max(axis=(1, 2), keepdims=True), 1e-6)
+    peak = np.maximum(out.max(axis=(1, 2), keepdims=True), 1e-6)
+    out *= rng.uniform(0.85, 1.0, (n, 1, 1)) * 255.0 / peak
     visible = out > 25.0
     out[visible] += rng.normal(0.0, NOISE_STD, int(visible.sum()))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
