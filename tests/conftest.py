@@ -1,0 +1,57 @@
+"""Shared fixtures: a private tfds dir and MLflow store for the session, and one tiny real study."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SAMPLE_ENV = "EMNIST_SAMPLE_DIR"
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    """The session's working folder: tfds data, mlflow.db, mlruns/ and optuna.db live here.
+
+    MLflow puts artifacts under ./mlruns of the working directory, so the session runs from here.
+    """
+    root = tmp_path_factory.mktemp("work")
+    old = {k: os.environ.get(k) for k in ("TFDS_DATA_DIR", "MLFLOW_TRACKING_URI")}
+    os.environ["TFDS_DATA_DIR"] = str(root / "tfds")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    cwd = os.getcwd()
+    os.chdir(root)
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    yield root
+    os.chdir(cwd)
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_study(workdir) -> dict:
+    """A real 3-trial study (synthetic, 1 epoch) through the train entry point, and its ensemble."""
+    from emnist_exp import ensemble, train
+
+    args = ["--dataset", "synthetic:1500", "--study", "tiny", "--n_trials", "3", "--epochs", "1",
+            "--seed", "7", "--pruner", "none"]
+    assert train.main(args) == 0
+    return {"study": "tiny", "dataset": "synthetic:1500", "workdir": workdir, "train_args": args}
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The real EMNIST bymerge sample, found through EMNIST_SAMPLE_DIR (set by .ci/run)."""
+    value = os.environ.get(SAMPLE_ENV)
+    if not value:
+        pytest.skip(f"{SAMPLE_ENV} is not set: point it at shared/data/emnist-bymerge-sample to run real-data tests")
+    path = Path(value)
+    if not path.is_dir():
+        pytest.skip(f"{SAMPLE_ENV}={value} is not a folder")
+    return path
