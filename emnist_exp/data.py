@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Callable
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from emnist_exp.classes import EMNIST_CLASSES
 from emnist_exp.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
 SYNTHETIC_SIZE = 12_000  # `synthetic` alone: train examples; test is a sixth of that
 TRANSPOSED_BUILDERS = {"emnist", "emnist_idx"}  # stored as in EMNIST's files: transpose to get upright
+EMNIST_HOST = "biometrics.nist.gov"  # where tfds downloads EMNIST's gzip.zip from
 
 
 @dataclass(frozen=True)
@@ -54,16 +57,26 @@ def _tfds_builder(spec: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         builder = tfds.builder(spec, data_dir=data_dir)
     except Exception as exc:  # tfds raises several types for unknown names and configs
         raise UserError(f"unknown tfds dataset {spec!r}: {str(exc).splitlines()[0]}") from None
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    advice = ("prepare it on a machine with internet access and set TFDS_DATA_DIR to that folder, "
+              "or pass idx:<folder> with the official EMNIST gzip files.")
+    # tfds retries a dead download for minutes; one quick connection attempt tells us first.
+    if not builder.is_prepared() and not _reachable(EMNIST_HOST):
+        raise UserError(f"{spec} is not prepared in {where} and {EMNIST_HOST} is unreachable; {advice}")
     try:
         builder.download_and_prepare()
-    except Exception as exc:
-        where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-        raise UserError(
-            f"{spec} is not prepared in {where} and could not be downloaded ({type(exc).__name__}); "
-            "prepare it on a machine with internet access and set TFDS_DATA_DIR to that folder, "
-            "or pass idx:<folder> with the official EMNIST gzip files."
-        ) from None
+    except Exception as exc:  # noqa: BLE001 (network, checksum and disk errors alike)
+        raise UserError(f"{spec} is not prepared in {where} and could not be downloaded "
+                        f"({type(exc).__name__}); {advice}") from None
     return builder
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def open_source(spec: str, data_dir: str | None = None) -> Source:
@@ -84,8 +97,16 @@ def open_source(spec: str, data_dir: str | None = None) -> Source:
         builder = _tfds_builder(spec, data_dir)
     else:
         raise UserError(f"unknown dataset {spec!r}: use emnist/bymerge, idx:<folder> or synthetic[:N].")
-    classes = tuple(builder.info.features["label"].names)
+    classes = label_names(builder)
     return Source(spec, builder, classes, builder.name in TRANSPOSED_BUILDERS)
+
+
+def label_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
+    """Characters per label. tfds `emnist` names its labels '0'..'46'; its configs map them like the files."""
+    names = tuple(builder.info.features["label"].names)
+    if builder.name == "emnist":
+        return EMNIST_CLASSES.get(builder.builder_config.name, names)
+    return names
 
 
 def read_split(source: Source, split: str, *, shuffle_seed: int | None = None) -> tf.data.Dataset:

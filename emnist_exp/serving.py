@@ -47,8 +47,12 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"class_index": np.zeros(2, np.int64), "character": [classes[0]] * 2,
                              "probability": np.ones(2)})
 
+    def class_scores(self, images) -> np.ndarray:
+        """The vote over every class, shape (n, classes), rows summing to 1: for a top-k beyond `predict`."""
+        return voting.combine(self.strategy, self.member_probs(images), self.weights)
+
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        scores = voting.combine(self.strategy, self.member_probs(model_input), self.weights)
+        scores = self.class_scores(model_input)
         index = scores.argmax(axis=1)
         return pd.DataFrame({
             "class_index": index.astype(np.int64),

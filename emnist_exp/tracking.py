@@ -286,3 +286,32 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
             )
         version = getattr(info, "registered_model_version", None)
         return run.info.run_id, None if version is None else str(version)
+
+
+# ---- the registry, a study's runs and reports written into them (predict, report) -----------------
+
+
+def latest_version(name: str) -> str | None:
+    """The highest version of a registered model, or None when it has none."""
+    versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    return str(max(int(v.version) for v in versions)) if versions else None
+
+
+def study_runs(study: str, role: str) -> list[mlflow.entities.Run]:
+    """Every run of a study with the given role (study, trial, ensemble), in any state, newest first."""
+    where = f"tags.`{ROLE_TAG}` = '{role}' and tags.`{STUDY_TAG}` = '{study}'"
+    return mlflow.search_runs(search_all_experiments=True, filter_string=where,
+                              order_by=["attributes.start_time DESC"], output_format="list")
+
+
+def log_to_run(run_id: str, texts: dict[str, str], figures: dict[str, Any]) -> str:
+    """Text files and figures as artifacts of an existing run, finished or not; returns its artifact URI."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    client = mlflow.MlflowClient()
+    for path, text in texts.items():
+        client.log_text(run_id, text, path)
+    for path, fig in figures.items():
+        client.log_figure(run_id, fig, path)
+        plt.close(fig)
+    return client.get_run(run_id).info.artifact_uri

@@ -55,3 +55,12 @@ def sample_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"{SAMPLE_ENV}={value} is not a folder")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ensemble(tiny_study) -> str:
+    """The tiny study's 3 trials voted (soft) into `emnist-ensemble`; returns the registered version."""
+    from emnist_exp import ensemble, tracking
+
+    assert ensemble.main(["--top", "3", "--study", tiny_study["study"]]) == 0
+    return tracking.latest_version(tracking.ENSEMBLE_MODEL)

@@ -1,0 +1,145 @@
+"""Entry point: the character in each image file, by a logged model (`python -m emnist_exp.predict a.png`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from emnist_exp.errors import UserError, cli_main
+
+TOP = 3  # candidates printed per file
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m emnist_exp.predict",
+        description="Predict the character in each image file (PNG, JPEG, BMP, ...; any size; RGB, RGBA, grey or "
+        "16-bit). Each image is first made what EMNIST models get: grey, white on black, cropped, longer side "
+        "20 px, centred by mass in 28x28. Prints file, character, confidence and the top 3, one line per file.",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one character each")
+    parser.add_argument("--model", default=None, help="an MLflow model URI: models:/emnist-ensemble/<version>, "
+                        "runs:/<id>/model, ... (default: the latest registered emnist-ensemble version)")
+    parser.add_argument("--save-preprocessed", "--save_preprocessed", dest="save_preprocessed", metavar="DIR",
+                        default=None, help="also write the 28x28 images given to the model into DIR")
+    return parser.parse_args(argv)
+
+
+def prepare(paths: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The 28x28 image of every readable file, and the files that failed (each told on stderr)."""
+    from emnist_exp.preprocess import load_image, to_emnist  # noqa: PLC0415
+
+    images, failed = {}, []
+    for path in paths:
+        try:
+            image = load_image(path)  # its sentences name the file
+            try:
+                images[path] = to_emnist(image)
+            except UserError as exc:
+                raise UserError(f"{path}: {exc}") from None
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed.append(path)
+    return images, failed
+
+
+def save_preprocessed(images: dict[str, np.ndarray], folder: str) -> None:
+    """Each 28x28 input as <stem>.png in `folder` (<stem>-2.png, ... when two files share a stem)."""
+    from PIL import Image  # noqa: PLC0415
+
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+        for path, image in images.items():
+            stem, n = Path(path).stem, 1
+            while (name := stem if n == 1 else f"{stem}-{n}") in used:
+                n += 1
+            used.add(name)
+            Image.fromarray(image, "L").save(out / f"{name}.png")
+    except OSError as exc:
+        raise UserError(f"cannot write preprocessed images to {folder}: {exc.strerror or exc}.") from None
+
+
+def default_model() -> str:
+    """The latest registered version of the ensemble."""
+    from emnist_exp import tracking  # noqa: PLC0415
+
+    version = tracking.latest_version(tracking.ENSEMBLE_MODEL)
+    if version is None:
+        raise UserError(f"no {tracking.ENSEMBLE_MODEL} model is registered in this tracking store: run "
+                        "`python -m emnist_exp.ensemble` first, or pass --model.")
+    return f"models:/{tracking.ENSEMBLE_MODEL}/{version}"
+
+
+def python_model(model):
+    """The Python object behind a pyfunc (the ensemble's EnsembleModel), or None for a flavour's own model."""
+    try:
+        return model.unwrap_python_model()
+    except Exception:  # noqa: BLE001 (MlflowException: a Keras model has no Python wrapper)
+        return None
+
+
+def class_scores(model, images: np.ndarray):
+    """Scores over all classes, (n, classes); or the model's own output when it only names its top class."""
+    from emnist_exp import evaluate  # noqa: PLC0415
+
+    inner = python_model(model)
+    if hasattr(inner, "class_scores"):  # the ensemble: its full vote, not just the winner `predict` returns
+        try:
+            return np.asarray(inner.class_scores(images), dtype=np.float64)
+        except ValueError as exc:
+            raise UserError(f"the model rejected a batch of 28x28 images: {exc}") from None
+    output = evaluate.predict(model, images.astype(np.float32).reshape((-1, *evaluate.input_shape(model))))
+    return output if hasattr(output, "columns") else np.asarray(output, dtype=np.float64)
+
+
+def model_classes(model, width: int) -> tuple[str, ...]:
+    """The class list the model carries in its metadata; bymerge's when it has none but 47 outputs."""
+    from emnist_exp.classes import BYMERGE_CLASSES  # noqa: PLC0415
+
+    classes = (model.metadata.metadata or {}).get("classes")
+    if classes and len(classes) == width:
+        return tuple(classes)
+    return BYMERGE_CLASSES if width == len(BYMERGE_CLASSES) else tuple(str(i) for i in range(width))
+
+
+def ranked(model, images: np.ndarray, k: int = TOP) -> list[list[tuple[str, float]]]:
+    """The k best (character, score) pairs for each image, best first."""
+    scores = class_scores(model, images)
+    if hasattr(scores, "columns"):  # a pyfunc returning class_index/character/probability rows
+        return [[(str(c), float(p))] for c, p in zip(scores["character"], scores["probability"])]
+    classes = model_classes(model, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[(classes[i], float(row[i])) for i in best] for row, best in zip(scores, order)]
+
+
+def line(path: str, top: list[tuple[str, float]], width: int) -> str:
+    character, confidence = top[0]
+    others = ", ".join(f"{c} {p:.3f}" for c, p in top)
+    return f"{path:<{width}}  {character}  {confidence:.3f}   top {len(top)}: {others}"
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    images, failed = prepare(args.images)
+    if images and args.save_preprocessed:
+        save_preprocessed(images, args.save_preprocessed)
+    if images:
+        from emnist_exp import evaluate  # noqa: PLC0415
+
+        uri = args.model or default_model()
+        model = evaluate.load_model(uri)
+        print(f"model {uri}", file=sys.stderr)
+        width = max(len(p) for p in images)
+        for path, top in zip(images, ranked(model, np.stack(list(images.values())))):
+            print(line(path, top, width))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Own images to model input (geometry, modes, bad files) and `python -m emnist_exp.predict` end to end."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from emnist_exp import preprocess
+from emnist_exp.classes import BYMERGE_CLASSES
+from emnist_exp.errors import UserError
+
+PAPER, INK = 225, 30  # a grey-ish page and a dark pen, as a photo or scan gives them
+
+
+def draw_l(size=(320, 200), left=210, top=40, paper=PAPER, ink=INK, mode="L") -> Image.Image:
+    """A dark 'L' (120 px tall, 60 px wide, strokes 12 px) off-centre on a light, non-square page."""
+    if mode == "RGB" and isinstance(paper, int):
+        paper, ink = (paper,) * 3, (ink,) * 3
+    image = Image.new(mode, size, paper)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, left + 11, top + 119], fill=ink)
+    draw.rectangle([left, top + 108, left + 59, top + 119], fill=ink)
+    return image
+
+
+def assert_model_input(out: np.ndarray) -> None:
+    """28x28 uint8, white on black, longer side ~20 px, centred by mass, upright, aspect 1:2 kept."""
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+    assert out.max() == 255
+    assert not np.concatenate([out[0], out[-1], out[:, 0], out[:, -1]]).any(), "the background must be black"
+    assert (out > 127).mean() < 0.35, "mostly background: white ink on black, not inverted"
+    ys, xs = np.nonzero(out > 0.25 * 255)
+    height, width = np.ptp(ys) + 1, np.ptp(xs) + 1
+    assert 19 <= height <= 21 and 9 <= width <= 12, (height, width)
+    cy, cx = ndimage.center_of_mass(out.astype(float))
+    assert abs(cy - 13.5) <= 0.75 and abs(cx - 13.5) <= 0.75, (cy, cx)
+    rows, cols = out.sum(axis=1), out.sum(axis=0)
+    assert rows.argmax() > 14 and cols.argmax() < 14, "an upright L: its heaviest row is low, its column left"
+
+
+def rgba_on_transparent() -> Image.Image:
+    """Dark ink on fully transparent BLACK: flattening without the alpha would lose the character."""
+    image = Image.new("RGBA", (320, 200), (0, 0, 0, 0))
+    ink = draw_l(paper=0, ink=255).point(lambda v: 255 if v else 0)
+    image.paste(Image.new("RGBA", image.size, (20, 20, 60, 255)), mask=ink)
+    return image
+
+
+def sixteen_bit() -> Image.Image:
+    return Image.fromarray((np.asarray(draw_l(), np.uint16) * 257).astype(np.uint16))  # mode I;16
+
+
+def noisy_photo() -> Image.Image:
+    """Uneven paper, faint grain and a dust speck far from the character."""
+    rng = np.random.default_rng(3)
+    page = np.asarray(draw_l(), np.float32) + rng.normal(0, 6, (200, 320)) + np.linspace(-15, 15, 320)
+    page[20:23, 20:23] = INK  # the speck: dark, but far too small to be a stroke
+    return Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+VARIANTS = {
+    "L": draw_l,
+    "RGB": lambda: draw_l(mode="RGB", paper=(230, 225, 210), ink=(20, 30, 90)),
+    "RGBA": rgba_on_transparent,
+    "P": lambda: draw_l(mode="RGB").convert("P"),
+    "I;16": sixteen_bit,
+    "white-on-black": lambda: draw_l(paper=0, ink=255),
+    "noisy": noisy_photo,
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_character_becomes_centred_white_on_black_28x28(variant):
+    assert_model_input(preprocess.to_emnist(VARIANTS[variant]()))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp"])
+def test_files_of_each_format_load_and_convert(tmp_path, suffix):
+    path = tmp_path / f"l{suffix}"
+    draw_l(mode="RGB").save(path)
+    assert_model_input(preprocess.to_emnist(preprocess.load_image(path)))
+
+
+def test_sixteen_bit_png_file_keeps_its_mode(tmp_path):
+    sixteen_bit().save(tmp_path / "deep.png")
+    image = preprocess.load_image(tmp_path / "deep.png")
+    assert image.mode.startswith("I")
+    assert_model_input(preprocess.to_emnist(image))
+
+
+def test_a_tiny_character_is_scaled_up(tmp_path):
+    small = draw_l().resize((32, 20), Image.Resampling.BOX)  # the L is now ~12x6 px
+    assert_model_input(preprocess.to_emnist(small))
+
+
+def test_blank_image_is_a_user_error():
+    with pytest.raises(UserError, match="no character"):
+        preprocess.to_emnist(Image.new("RGB", (50, 40), "white"))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG signature and header for a huge grey image, with one tiny data chunk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
+        b"IEND", b"")
+
+
+def bad_files(folder) -> dict[str, str]:
+    """name -> a word its one-line error must contain."""
+    (folder / "notes.png").write_text("this is a text file, not a picture\n")
+    (folder / "empty.png").write_bytes(b"")
+    draw_l().save(folder / "whole.png")
+    whole = (folder / "whole.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    return {"notes.png": "not an image", "empty.png": "empty", "truncated.png": "truncated",
+            "bomb.png": "decompression bomb", "missing.png": "no such file"}
+
+
+def test_bad_files_each_give_one_sentence(tmp_path):
+    for name, words in bad_files(tmp_path).items():
+        with pytest.raises(UserError) as caught:
+            preprocess.load_image(tmp_path / name)
+        message = str(caught.value)
+        assert words in message and name in message and "\n" not in message, message
+
+
+def test_images_over_the_pixel_limit_are_refused(tmp_path, monkeypatch):
+    draw_l().save(tmp_path / "big.png")
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 320 * 200 - 1)
+    with pytest.raises(UserError, match="decompression bomb"):
+        preprocess.load_image(tmp_path / "big.png")
+
+
+# ---- the entry point, on the tiny study's registered ensemble -------------------------------------
+
+
+def good_files(folder) -> list[str]:
+    draw_l(mode="RGB").save(folder / "ell.png")
+    rgba_on_transparent().save(folder / "ell-rgba.png")
+    return [str(folder / "ell.png"), str(folder / "ell-rgba.png")]
+
+
+def parse_line(text: str) -> tuple[str, str, float, list[tuple[str, float]]]:
+    head, top = text.split("   top ")
+    path, character, confidence = head.split()
+    pairs = [p.split() for p in top.split(": ", 1)[1].split(", ")]
+    return path, character, float(confidence), [(c, float(p)) for c, p in pairs]
+
+
+def test_predict_prints_each_good_file_and_one_error_line_per_bad_one(tiny_ensemble, tmp_path, capsys):
+    from emnist_exp import predict
+
+    good = good_files(tmp_path)
+    bad = [str(tmp_path / name) for name in bad_files(tmp_path)]
+    saved = tmp_path / "seen"
+    code = predict.main([good[0], *bad, good[1], "--save-preprocessed", str(saved)])
+    out, err = capsys.readouterr()
+    assert code != 0
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(bad) and all(any(b in e for e in errors) for b in bad), err
+    lines = out.splitlines()
+    assert [parse_line(line)[0] for line in lines] == good
+    model = pytest.importorskip("mlflow").pyfunc.load_model(f"models:/emnist-ensemble/{tiny_ensemble}")
+    inputs = np.stack([preprocess.to_emnist(preprocess.load_image(p)) for p in good])
+    expected = model.predict(inputs.astype(np.float32))
+    for line, (_, row) in zip(lines, expected.iterrows()):
+        _, character, confidence, top = parse_line(line)
+        assert character == row["character"] and character in BYMERGE_CLASSES
+        assert confidence == pytest.approx(row["probability"], abs=5e-4)
+        assert len(top) == 3 and top[0] == (character, confidence)
+        assert [p for _, p in top] == sorted((p for _, p in top), reverse=True)
+    for name, image in zip(["ell", "ell-rgba"], inputs):
+        assert np.array_equal(np.asarray(Image.open(saved / f"{name}.png")), image)
+
+
+def test_predict_with_a_trial_keras_model(tiny_ensemble, tmp_path, capsys):
+    import mlflow
+
+    from emnist_exp import predict, tracking
+
+    run = tracking.finished_trials(study="tiny")[0]
+    uri = f"runs:/{run.info.run_id}/model"
+    good = good_files(tmp_path)
+    assert predict.main([*good, "--model", uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    inputs = np.stack([preprocess.to_emnist(preprocess.load_image(p)) for p in good])
+    probs = mlflow.pyfunc.load_model(uri).predict(inputs[..., None].astype(np.float32))
+    for line, row in zip(lines, probs):
+        _, character, confidence, top = parse_line(line)
+        assert character == BYMERGE_CLASSES[row.argmax()]
+        assert confidence == pytest.approx(float(row.max()), abs=5e-4)
+        assert [c for c, _ in top] == [BYMERGE_CLASSES[i] for i in np.argsort(-row)[:3]]
+
+
+def test_predict_without_a_registered_ensemble_says_what_to_run(tmp_path, capsys, workdir):
+    import mlflow
+
+    from emnist_exp import predict
+
+    draw_l().save(tmp_path / "ell.png")
+    session_store = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'empty.db'}")
+    try:
+        code = predict.main([str(tmp_path / "ell.png")])
+    finally:
+        mlflow.set_tracking_uri(session_store)
+    err = capsys.readouterr().err
+    assert code == 2 and "python -m emnist_exp.ensemble" in err and len(err.strip().splitlines()) == 1, err
