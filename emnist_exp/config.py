@@ -30,6 +30,10 @@ class Config:
     seed: int = 0  # flows to Keras, tf.data and the Optuna sampler
     space: str = "full"  # search space, see emnist_exp.search.SPACES
     pruner: str = "median"  # median | hyperband | none
+    total_trials: int = 0  # COMPLETE trials the study needs, across all workers; 0 = no cap (n_trials per worker)
+    # faults: a worker silent for grace_period seconds has its trial failed and retried by another
+    heartbeat_interval: int = 60  # seconds between a running trial's heartbeats
+    grace_period: int = 180  # three missed heartbeats: long enough for a busy database to catch up
     # training
     epochs: int = 10
     patience: int = 3  # early stopping on val_accuracy
@@ -75,6 +79,9 @@ def _check(cfg: Config) -> Config:
         (cfg.shuffle_buffer >= 1, "shuffle_buffer must be at least 1"),
         (cfg.pruner in {"median", "hyperband", "none"}, "pruner must be median, hyperband or none"),
         (bool(cfg.study.strip()), "study must not be empty"),
+        (cfg.total_trials >= 0, "total_trials must be 0 (no cap) or positive"),
+        (cfg.heartbeat_interval >= 1, "heartbeat_interval must be at least 1 second"),
+        (cfg.grace_period > cfg.heartbeat_interval, "grace_period must be longer than heartbeat_interval"),
     ]
     for ok, message in rules:
         if not ok:

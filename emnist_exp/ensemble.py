@@ -13,7 +13,7 @@ from emnist_exp.errors import UserError, cli_main
 from emnist_exp.voting import STRATEGIES
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m emnist_exp.ensemble",
         description="Take the top-k finished trial runs by VALIDATION accuracy, vote them into an ensemble "
@@ -32,7 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="recompute member predictions with their models instead of the logged ones")
     parser.add_argument("--no-register", dest="register", action="store_false",
                         help="log the ensemble run but do not register a model version")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def select_members(args: argparse.Namespace):

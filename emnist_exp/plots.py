@@ -131,7 +131,7 @@ def ensemble_vs_members(names: list[str], val: list[float], test: list[float], t
     ax.set_ylim(max(0.0, min(finite, default=0.0) - 0.05), min(1.0, max(finite, default=1.0) + 0.03))
     ax.set_ylabel("accuracy")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def class_scores(model, images: np.ndarray):
             return np.asarray(inner.class_scores(images), dtype=np.float64)
         except ValueError as exc:
             raise UserError(f"the model rejected a batch of 28x28 images: {exc}") from None
-    output = evaluate.predict(model, images.astype(np.float32).reshape((-1, *evaluate.input_shape(model))))
+    with contextlib.redirect_stdout(sys.stderr):  # a Keras model's progress bar, away from the results
+        output = evaluate.predict(model, images.astype(np.float32).reshape((-1, *evaluate.input_shape(model))))
     return output if hasattr(output, "columns") else np.asarray(output, dtype=np.float64)
 
 

@@ -117,9 +117,10 @@ def complete(trials: list[dict]) -> list[dict]:
 
 
 def groups(trials: list[dict], switch: str) -> dict[str, dict[str, list[float]]]:
-    out: dict[str, dict[str, list[float]]] = {}
-    for r in sorted(trials, key=lambda r: bool(r.get(switch))):  # off before on
-        group = out.setdefault(fmt(bool(r.get(switch))), {"val": [], "test": []})
+    """Accuracies of the trials with the switch off and on (both shown, even when one is empty)."""
+    out: dict[str, dict[str, list[float]]] = {"off": {"val": [], "test": []}, "on": {"val": [], "test": []}}
+    for r in trials:
+        group = out[fmt(bool(r.get(switch)))]
         group["val"].append(r["val_accuracy"])
         group["test"].append(r["test_accuracy"])
     return out
@@ -130,7 +131,7 @@ def group_table(grouped: dict[str, dict[str, list[float]]]) -> str:
         finite = [v for v in values if not math.isnan(v)]
         return acc(sum(finite) / len(finite)) if finite else ""
 
-    rows = [[g, str(len(s["val"])), mean(s["val"]), f"{max(s['val']):.4f}", mean(s["test"])]
+    rows = [[g, str(len(s["val"])), mean(s["val"]), acc(max(s["val"], default=math.nan)), mean(s["test"])]
             for g, s in grouped.items()]
     return markdown_table(["setting", "trials", "mean val_acc", "best val_acc", "mean test_acc"], rows)
 
@@ -171,9 +172,9 @@ def markdown(study: str, trials: list[dict], ensembles: list[dict], plots: list[
     parts = [
         f"# Study `{study}`",
         f"Written by `python -m emnist_exp.report --study {study}` on {time.strftime('%Y-%m-%d %H:%M')}, from "
-        f"{len(trials)} trial runs ({', '.join(f'{n} {s.lower()}' for s, n in states.items())}) and "
-        f"{len(ensembles)} ensemble runs of {parents} worker run(s). Trials are selected on validation "
-        "accuracy; test accuracy is reported, never optimised.",
+        f"{len(trials)} trial runs ({', '.join(f'{n} {s.lower()}' for s, n in states.items())}), "
+        f"{len(ensembles)} ensemble run(s) and {parents} worker (parent) run(s). Trials are selected on "
+        "validation accuracy; test accuracy is reported, never optimised.",
         "## Trials", markdown_table(*summary(trials)),
         "## Ensembles", markdown_table(*ensemble_table(ensembles)) if ensembles else
         "No ensemble yet: `python -m emnist_exp.ensemble --study " + study + "` votes the best trials into one.",

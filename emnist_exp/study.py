@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import re
+import socket
 import sys
+import time
+import warnings
 
 import keras
 import numpy as np
@@ -18,6 +23,10 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"  # beside mlflow.db, MLflow 3's default 
 HEARTBEAT_SECONDS = 60  # a worker silent for GRACE seconds has its trial failed and retried
 GRACE_SECONDS = 180
 SQLITE_TIMEOUT = 120  # seconds a local worker waits on another's write lock
+CONNECT_TIMEOUT = 10  # seconds before an unreachable database server is reported
+MAX_RETRY = 3  # a trial whose worker died runs again at most this often
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+URL_SHAPE = "dialect[+driver]://user[:password]@host[:port]/database, or sqlite:///file.db"
 
 
 def quiet_libraries() -> None:
@@ -29,28 +38,115 @@ def quiet_libraries() -> None:
 
 
 def redact(url: str) -> str:
-    """The storage URL without its password, fit for logs and error messages."""
+    """The storage URL without its password, fit for logs and error messages (even when malformed)."""
+    url = re.sub(r"(//[^/:@]*):[^/]*@", r"\1:***@", url)  # user:password@host, up to the last @
+    return re.sub(r"(password=)[^&]*", r"\1***", url)
+
+
+def storage_url(url: str) -> "sqlalchemy.engine.URL":  # noqa: F821
+    """Parse and check a storage URL: its shape, its dialect and that its driver is installed."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+    from sqlalchemy.exc import NoSuchModuleError  # noqa: PLC0415
+
+    if url.count("@") > 1:
+        raise UserError(f"storage URL {redact(url)} is malformed: percent-encode an @ in the password as %40.")
     try:
-        from sqlalchemy.engine import make_url  # noqa: PLC0415
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 (ArgumentError, or ValueError for a port that is no number)
+        raise UserError(f"storage URL {redact(url)} is malformed: expected {URL_SHAPE}.") from None
+    if parsed.drivername == "postgresql" and not _importable("psycopg") and _importable("psycopg2"):
+        parsed = parsed.set(drivername="postgresql+psycopg2")  # SQLAlchemy 2.1 defaults to psycopg 3
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise UserError(f"storage URL {redact(url)} names an unknown database or driver {parsed.drivername!r}: "
+                        "use sqlite:///file.db or postgresql://user@host/database.") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise UserError(f"storage URL {redact(url)} needs the Python module {exc.name!r}, "
+                        "which is not installed.") from None
+    return parsed
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 (a malformed URL must not leak in the message either)
-        return url.split("@")[-1] if "@" in url else url
+
+def _importable(module: str) -> bool:
+    import importlib.util  # noqa: PLC0415
+
+    return importlib.util.find_spec(module) is not None
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats (so dead workers' trials fail and are retried)."""
+def open_storage(url: str, *, heartbeat_interval: int = HEARTBEAT_SECONDS, grace_period: int = GRACE_SECONDS
+                 ) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats: a worker silent for grace_period seconds has its trial failed and retried."""
     url = url or DEFAULT_STORAGE
-    engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT}} if url.startswith("sqlite") else {}
+    parsed = storage_url(url)
+    engine_kwargs = {}
+    if parsed.get_backend_name() == "sqlite":
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT}}
+    elif parsed.get_backend_name() == "postgresql":
+        engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
     try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
-        )
-    except Exception as exc:  # noqa: BLE001 (sqlalchemy, driver and argument errors alike)
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        reason = reason.replace(url, redact(url))
-        raise UserError(f"cannot open Optuna storage {redact(url)}: {reason}") from None
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9, and we rely on them
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return _create_storage(parsed.render_as_string(hide_password=False), engine_kwargs,
+                                   heartbeat_interval, grace_period)
+    except Exception as exc:  # noqa: BLE001 (sqlalchemy and driver errors alike)
+        raise UserError(f"cannot open Optuna storage {redact(url)}: {_reason(exc, parsed.password)}.") from None
+
+
+def _create_storage(url: str, engine_kwargs: dict, heartbeat_interval: int, grace_period: int,
+                    attempts: int = 3) -> optuna.storages.RDBStorage:
+    """Workers that start together on a fresh database race to create its tables: the losers try again."""
+    import sqlalchemy.exc  # noqa: PLC0415
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period, heartbeat_stale_trial_callback=RetryStaleTrial(MAX_RETRY),
+            )
+        except sqlalchemy.exc.DBAPIError as exc:  # "table ... already exists", "duplicate key value ..."
+            if attempt == attempts - 1 or not re.search(r"already exists|duplicate key|UNIQUE constraint failed", str(exc)):
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
+def _reason(exc: Exception, password: str | None) -> str:
+    """The driver's first line, e.g. 'connection to server ... failed: Connection refused', password scrubbed."""
+    text = str(getattr(exc, "orig", None) or exc) or type(exc).__name__
+    reason = " ".join(text.strip().splitlines()[0].split()).rstrip(".")
+    return reason.replace(password, "***") if password else reason
+
+
+class RetryStaleTrial:
+    """Retry the trial of a worker that stopped sending heartbeats, and end its MLflow runs as FAILED.
+
+    Optuna calls this from fail_stale_trials, which every worker runs before each trial.
+    """
+
+    def __init__(self, max_retry: int):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.retry(study, trial)
+        try:
+            ended = tracking.end_stale_trial_run(study.study_name, trial.number, trial.user_attrs.get("mlflow_run_id"))
+        except Exception as exc:  # noqa: BLE001 (the study goes on even if the tracking server is away)
+            ended, note = [], f"; its MLflow run could not be ended ({type(exc).__name__}: {exc})"
+        else:
+            note = f"; MLflow runs ended as FAILED: {', '.join(ended)}" if ended else ""
+        print(f"[{study.study_name}] trial {trial.number} lost its worker (no heartbeat): marked FAIL and "
+              f"queued again with the same parameters{note}", file=sys.stderr, flush=True)
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail (and retry) the trials of dead workers now, rather than before this worker's next trial."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -62,9 +158,51 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 
 def make_study(cfg: Config, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed)
+    # constant_liar: workers treat each other's running trials as bad, so they don't all sample one point.
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, constant_liar=True)
     return optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler,
                                pruner=make_pruner(cfg.pruner), direction="maximize", load_if_exists=True)
+
+
+class TrialCap:
+    """Stop this worker once the study holds `total` COMPLETE trials, whichever workers ran them.
+
+    Unlike optuna.study.MaxTrialsCallback it counts other workers' RUNNING trials too, so the study
+    does not overshoot; and while those alone would fill the cap it waits for them (failing dead
+    workers' trials as it polls), so a trial lost with its worker is still retried by someone.
+    """
+
+    def __init__(self, total: int, poll_seconds: float = 5.0):
+        self.total = total
+        self.poll_seconds = poll_seconds
+
+    def has_room(self, study: optuna.Study) -> bool:
+        """True if this worker should run another trial; False once `total` trials are COMPLETE."""
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        while True:
+            fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False, states=states)
+            complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+            if complete >= self.total:
+                return False
+            if len(trials) < self.total:
+                return True
+            time.sleep(self.poll_seconds)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if not self.has_room(study):
+            study.stop()
+
+
+def worker_callbacks(cfg: Config, study: optuna.Study) -> list | None:
+    """Progress lines, and the study-wide cap when total_trials is set; None when the cap is already met."""
+    callbacks: list = [Progress(cfg.n_trials)]
+    if cfg.total_trials:
+        cap = TrialCap(cfg.total_trials, poll_seconds=min(cfg.heartbeat_interval, 5))
+        if not cap.has_room(study):
+            return None
+        callbacks.append(cap)
+    return callbacks
 
 
 class PruningCallback(keras.callbacks.Callback):
@@ -99,6 +237,7 @@ class Objective:
         # What it takes to rebuild this trial's splits (the ensemble's fallback to inference).
         extra = {"dataset": cfg.dataset, "val_fraction": cfg.val_fraction, "max_examples": cfg.max_examples,
                  "data_dir": cfg.data_dir, "n_train": splits.counts["train"], "max_epochs": cfg.epochs}
+        trial.set_user_attr("worker", WORKER)  # which machine and process ran (or lost) this trial
         with tracking.trial_run(cfg.study, trial.number, spec, seed, extra) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             pruning = PruningCallback(trial)

@@ -37,9 +37,28 @@ def git_commit() -> str:
         return "unknown"
 
 
+def prepare_local_store() -> None:
+    """Create a SQLite tracking store under a file lock.
+
+    MLflow creates a fresh store's tables on first use, and two workers starting together break
+    each other's migrations. A server or PostgreSQL store needs nothing here.
+    """
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl  # noqa: PLC0415
+
+    path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as handle:  # flock is apart from SQLite's own fcntl locks on the same file
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        mlflow.MlflowClient().search_experiments(max_results=1)
+
+
 @contextlib.contextmanager
 def study_run(config: dict[str, Any], *, storage: str, sampler: str) -> Iterator[mlflow.ActiveRun]:
     """The parent run: `mlflow run`'s own run (MLFLOW_RUN_ID) or a new one. `storage` is redacted."""
+    prepare_local_store()
     name = None if os.environ.get("MLFLOW_RUN_ID") else f"study-{config['study']}"
     run = mlflow.start_run(run_name=name)
     with _ending(run):
@@ -100,11 +119,43 @@ def set_state(state: str) -> None:
     mlflow.set_tag(STATE_TAG, state)
 
 
+def end_stale_trial_run(study: str, number: int, run_id: str | None = None) -> list[str]:
+    """End a dead worker's trial run, and its study run if still RUNNING, as FAILED. Returns their ids.
+
+    The run is the trial's `mlflow_run_id`, or (killed before it was recorded, or a retry still
+    carrying its original's id) the RUNNING trial run tagged with this study and trial number.
+    """
+    client = mlflow.MlflowClient()
+    runs = []
+    if run_id:
+        run = client.get_run(run_id)
+        if run.data.tags.get(STUDY_TAG) == study and run.data.tags.get(TRIAL_TAG) == str(number):
+            runs = [run]
+    if not runs:
+        where = (f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}' and "
+                 f"tags.`{TRIAL_TAG}` = '{number}' and attributes.status = 'RUNNING'")
+        runs = mlflow.search_runs(search_all_experiments=True, filter_string=where, output_format="list")
+    ended = []
+    for run in runs:
+        parent = run.data.tags.get("mlflow.parentRunId")
+        for rid in [run.info.run_id] + ([parent] if parent else []):
+            if client.get_run(rid).info.status == "RUNNING":
+                client.set_tag(rid, "emnist.ended_by", "heartbeat: its worker stopped")
+                if rid == run.info.run_id:
+                    client.set_tag(rid, STATE_TAG, "FAIL")
+                client.set_terminated(rid, "FAILED")
+                ended.append(rid)
+    return ended
+
+
 class EpochLogger(keras.callbacks.Callback):
-    """Per-epoch train/validation loss and accuracy (and the learning rate) as step metrics."""
+    """Per-epoch train/validation loss and accuracy (and the learning rate) as step metrics.
+
+    They are named epoch_<keras name>; the plain names hold each trial's final values.
+    """
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        metrics = {k: float(v) for k, v in (logs or {}).items() if np.isfinite(float(v))}
+        metrics = {f"epoch_{k}": float(v) for k, v in (logs or {}).items() if np.isfinite(float(v))}
         mlflow.log_metrics(metrics, step=epoch)
 
 

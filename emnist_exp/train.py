@@ -21,12 +21,17 @@ OPTIONS = [  # (flag, help) — one flag per MLproject parameter of the `train` 
     ("val_fraction", "share of train carved off for validation (default: 0.1)"),
     ("space", "search space: full (everything) or seed (the seed recipe, nothing searched)"),
     ("pruner", "median (default), hyperband or none"),
+    ("total_trials", "COMPLETE trials the study needs across all workers; each worker stops once they are "
+     "done or running elsewhere; 0 = no cap (default)"),
+    ("heartbeat_interval", "seconds between a running trial's heartbeats (default: 60)"),
+    ("grace_period", "seconds without heartbeat after which another worker fails and retries the trial "
+     "(default: 180)"),
     ("patience", "early-stopping patience in epochs (default: 3)"),
     ("shuffle_buffer", "tf.data shuffle buffer in examples (default: 10000)"),
 ]
 
 
-def parse_args(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m emnist_exp.train",
         description="Run one worker of an Optuna study of CNN variants on EMNIST, logging each trial as a "
@@ -35,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> dict:
     for name, text in OPTIONS:
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         parser.add_argument(*flags, dest=name, default=None, metavar=name.upper(), help=text)
-    return vars(parser.parse_args(argv))
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> dict:
+    return vars(build_parser().parse_args(argv))
 
 
 @cli_main
@@ -48,16 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     studies.quiet_libraries()
 
     url = cfg.storage or studies.DEFAULT_STORAGE
-    storage = studies.open_storage(url)
+    storage = studies.open_storage(url, heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period)
     splits = data.load_splits(cfg.dataset, val_fraction=cfg.val_fraction, max_examples=cfg.max_examples,
                               data_dir=cfg.data_dir, seed=cfg.seed)
     counts = ", ".join(f"{k} {v:,}" for k, v in splits.counts.items())
     print(f"dataset {cfg.dataset}: {len(splits.classes)} classes; {counts}", file=sys.stderr)
     study = studies.make_study(cfg, storage)
-    with tracking.study_run(cfg.to_dict(), storage=studies.redact(url), sampler=f"TPESampler(seed={cfg.seed})"):
+    callbacks = studies.worker_callbacks(cfg, study)
+    if callbacks is None:
+        print(f"study {cfg.study} already has {cfg.total_trials} complete trials: nothing to do", file=sys.stderr)
+        return 0
+    logged = {**cfg.to_dict(), "storage": studies.redact(cfg.storage)}  # never a password in the run
+    with tracking.study_run(logged, storage=studies.redact(url), sampler=f"TPESampler(seed={cfg.seed})"):
         try:
             study.optimize(studies.Objective(cfg, splits), n_trials=cfg.n_trials, timeout=cfg.timeout or None,
-                           callbacks=[studies.Progress(cfg.n_trials)], gc_after_trial=True)
+                           callbacks=callbacks, gc_after_trial=True)
         finally:
             tracking.log_study_summary(study)
     return 0

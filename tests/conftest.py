@@ -36,10 +36,10 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_study(workdir) -> dict:
-    """A real 3-trial study (synthetic, 1 epoch) through the train entry point, and its ensemble."""
+    """A real 3-trial study (synthetic, 2 epochs) through the train entry point, and its ensemble."""
     from emnist_exp import ensemble, train
 
-    args = ["--dataset", "synthetic:1500", "--study", "tiny", "--n_trials", "3", "--epochs", "1",
+    args = ["--dataset", "synthetic:1500", "--study", "tiny", "--n_trials", "3", "--epochs", "2", "--patience", "2",
             "--seed", "7", "--pruner", "none"]
     assert train.main(args) == 0
     return {"study": "tiny", "dataset": "synthetic:1500", "workdir": workdir, "train_args": args}

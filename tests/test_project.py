@@ -1,0 +1,88 @@
+"""The project's contract: MLproject parameters reach the code, environments agree, config is checked."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from emnist_exp import config
+from emnist_exp.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+ENTRY_MODULES = {"train": "emnist_exp.train", "main": "emnist_exp.train", "ensemble": "emnist_exp.ensemble"}
+
+
+def mlproject() -> dict:
+    return yaml.safe_load((ROOT / "MLproject").read_text())
+
+
+def parser_flags(module: str) -> set[str]:
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
+@pytest.mark.parametrize("entry", sorted(mlproject()["entry_points"]))
+def test_every_mlproject_parameter_reaches_the_code(entry):
+    point = mlproject()["entry_points"][entry]
+    command = point["command"]
+    flags = parser_flags(ENTRY_MODULES[entry])
+    for name in point.get("parameters", {}):
+        assert re.search(rf"--{name} \{{{name}\}}", command), f"{entry}: -P {name} is not passed as --{name}"
+        assert f"--{name}" in flags, f"{entry}: --{name} is not a flag of {ENTRY_MODULES[entry]}"
+
+
+def test_train_flags_cover_every_config_field():
+    flags = parser_flags("emnist_exp.train")
+    assert {f"--{name}" for name in config.FIELDS} <= flags
+
+
+def test_conda_env_and_pyproject_list_the_same_dependencies():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())["dependencies"]
+    pip = next(d["pip"] for d in conda if isinstance(d, dict))
+    assert sorted(pip) == sorted(pyproject)
+    assert "python=3.11" in conda
+
+
+def test_presets_are_valid_and_resolve():
+    presets = sorted(p.stem for p in config.PRESET_DIR.glob("*.toml"))
+    assert {"quick", "sample", "bymerge"} <= set(presets)
+    for name in presets:
+        cfg = config.resolve({"preset": name})
+        assert cfg.preset == name
+
+
+def test_flags_override_the_preset_and_strings_are_coerced():
+    cfg = config.resolve({"preset": "quick", "epochs": "5", "seed": "3", "val_fraction": "0.2", "study": ""})
+    assert (cfg.epochs, cfg.seed, cfg.val_fraction) == (5, 3, 0.2)
+    assert cfg.study == config.load_preset("quick")["study"]  # '' means "not given"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"epochs": "ten"}, "epochs must be int"),
+    ({"n_trials": "0"}, "n_trials must be at least 1"),
+    ({"val_fraction": "0.9"}, "val_fraction must be between"),
+    ({"space": "huge"}, "space must be one of"),
+    ({"pruner": "sometimes"}, "pruner must be"),
+    ({"preset": "nope"}, "unknown preset 'nope'"),
+    ({"colour": "red"}, "unknown settings: colour"),
+])
+def test_bad_settings_are_one_clear_error(overrides, message):
+    with pytest.raises(UserError, match=message):
+        config.resolve(overrides)
+
+
+def test_a_preset_with_an_unknown_key_is_refused(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('epochs = 2\nlearning_rat = 0.1\n')
+    with pytest.raises(UserError, match="unknown keys: learning_rat"):
+        config.resolve({"preset": str(bad)})
+    bad.write_text('epochs = "two"\n')
+    with pytest.raises(UserError, match="epochs must be int"):
+        config.resolve({"preset": str(bad)})

@@ -1,0 +1,131 @@
+"""A real study end to end through the train entry point, read back from the MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from emnist_exp import data, tracking
+from emnist_exp.search import TrialSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def study_runs(study: str, role: str) -> list:
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`emnist.role` = '{role}' and tags.`optuna.study` = '{study}'")
+
+
+def test_runs_form_a_tree_with_params_and_per_epoch_metrics(tiny_study):
+    parents = study_runs("tiny", "study")
+    children = study_runs("tiny", "trial")
+    assert len(parents) >= 1 and len(children) >= 3
+    parent = min(parents, key=lambda r: r.info.start_time)
+    mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+    assert len(mine) == 3
+    client = MlflowClient()
+    for child in mine:
+        assert child.info.run_name.startswith(f"trial-{int(child.data.tags['optuna.trial_number']):03d} aug=")
+        assert child.data.tags["optuna.state"] == "COMPLETE" and child.info.status == "FINISHED"
+        assert set(TrialSpec().params()) <= set(child.data.params)
+        for metric in ["loss", "accuracy", "val_loss", "val_accuracy"]:
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, f"epoch_{metric}")]
+            assert steps == list(range(int(child.data.metrics["epochs_run"]))), metric
+        for metric in ["val_accuracy", "test_accuracy", "train_seconds", "param_count", "epochs_run"]:
+            assert metric in child.data.metrics
+        assert child.data.metrics["epochs_run"] == 2
+        files = {f.path for f in client.list_artifacts(child.info.run_id, "plots")}
+        assert files == {"plots/learning_curve.png", "plots/confusion_matrix.png", "plots/misclassified.png"}
+    assert parent.data.params["config.dataset"] == "synthetic:1500"
+    assert parent.data.tags["optuna.storage"].startswith("sqlite:///")
+    top = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"config.json", "trials.csv", "best_trial.json", "plots"} <= top
+    config = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/config.json")
+    assert config["seed"] == 7 and config["epochs"] == 2
+
+
+def test_optuna_trials_and_mlflow_runs_point_at_each_other(tiny_study, workdir):
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir / 'optuna.db'}")
+    runs = {r.info.run_id: r for r in study_runs("tiny", "trial")}
+    for trial in study.trials[:3]:
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert int(run.data.tags["optuna.trial_number"]) == trial.number
+        assert float(run.data.metrics["val_accuracy"]) == pytest.approx(trial.value)
+
+
+def test_logged_model_predicts_as_in_training_and_artifacts_are_compact(tiny_study):
+    run = tracking.finished_trials(study="tiny")[0]
+    preds = tracking.load_predictions(run.info.run_id)
+    splits = data.load_splits("synthetic:1500")
+    n_val, n_test = splits.counts["val"], splits.counts["test"]
+    assert preds["val_probs"].shape == (n_val, 47) and preds["val_probs"].dtype == np.float16
+    assert preds["test_probs"].shape == (n_test, 47) and preds["test_labels"].dtype == np.uint8
+    assert list(preds["classes"]) == list(splits.classes)
+    np.testing.assert_array_equal(preds["val_labels"], data.labels_of(splits.val))
+    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    images = np.stack([x for x, _ in splits.val.as_numpy_iterator()]).astype(np.float32)
+    live = model.predict(images, verbose=0)
+    np.testing.assert_allclose(live, preds["val_probs"].astype(np.float32), atol=2e-3)
+    assert np.array_equal(live.argmax(axis=1), preds["val_probs"].argmax(axis=1))
+    assert tracking.model_classes(f"runs:/{run.info.run_id}/model") == splits.classes
+
+
+def test_rerunning_the_same_study_adds_trials(tiny_study, workdir):
+    from emnist_exp import train
+
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    before = len(optuna.load_study(study_name="tiny", storage=storage).trials)
+    args = [a for a in tiny_study["train_args"]]
+    args[args.index("--n_trials") + 1] = "1"
+    assert train.main(args) == 0
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert len(study.trials) == before + 1
+    assert study.trials[-1].number == before
+    assert len(study_runs("tiny", "study")) >= 2  # each worker invocation is its own parent run
+
+
+def test_pruning_stops_a_bad_trial(workdir):
+    from emnist_exp.config import Config
+    from emnist_exp.study import Objective, make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median"),
+                                storage=f"sqlite:///{workdir / 'optuna.db'}", study_name="pruning")
+    dist = {"augment": optuna.distributions.CategoricalDistribution([True, False])}
+    for value in (0.95, 0.96, 0.97):  # three finished trials that were excellent from epoch 1 on
+        study.add_trial(optuna.trial.create_trial(
+            params={"augment": False}, distributions=dist, value=value,
+            intermediate_values={step: value for step in range(5)}))
+    cfg = Config(dataset="synthetic:600", study="pruning", epochs=5, patience=5, space="seed")
+    splits = data.load_splits(cfg.dataset)
+    with tracking.study_run(cfg.to_dict(), storage="sqlite", sampler="test"):
+        study.optimize(Objective(cfg, splits), n_trials=1)
+    trial = study.trials[-1]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert len(trial.intermediate_values) == 2  # one warm-up epoch, pruned after the second of five
+    run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "FINISHED"
+
+
+def test_mlflow_run_entry_point_end_to_end(workdir):
+    """`mlflow run . -e train` with -P parameters: the project's own run becomes the parent."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "train", "--env-manager", "local",
+           "-P", "dataset=synthetic:600", "-P", "study=mlrun", "-P", "n_trials=1", "-P", "epochs=1",
+           "-P", "seed=3", "-P", f"storage=sqlite:///{workdir / 'optuna.db'}"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    parent = study_runs("mlrun", "study")[0]
+    assert parent.data.params["dataset"] == "synthetic:600"  # logged by `mlflow run` itself
+    assert parent.data.params["config.seed"] == "3" and parent.data.params["config.epochs"] == "1"
+    assert parent.data.tags.get("mlflow.project.entryPoint") == "train"
+    child = study_runs("mlrun", "trial")[0]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert "[mlrun] trial 1 of 1" in out.stderr
