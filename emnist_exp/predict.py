@@ -29,16 +29,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare(paths: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The 28x28 image of every readable file, and the files that failed (each told on stderr)."""
+def prepare(paths: list[str]) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
+    """(file, 28x28 image) for every readable file, and the files that failed (each told on stderr)."""
     from emnist_exp.preprocess import load_image, to_emnist  # noqa: PLC0415
 
-    images, failed = {}, []
+    images, failed = [], []
     for path in paths:
         try:
             image = load_image(path)  # its sentences name the file
             try:
-                images[path] = to_emnist(image)
+                images.append((path, to_emnist(image)))
             except UserError as exc:
                 raise UserError(f"{path}: {exc}") from None
         except UserError as exc:
@@ -47,7 +47,7 @@ def prepare(paths: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
     return images, failed
 
 
-def save_preprocessed(images: dict[str, np.ndarray], folder: str) -> None:
+def save_preprocessed(images: list[tuple[str, np.ndarray]], folder: str) -> None:
     """Each 28x28 input as <stem>.png in `folder` (<stem>-2.png, ... when two files share a stem)."""
     from PIL import Image  # noqa: PLC0415
 
@@ -55,7 +55,7 @@ def save_preprocessed(images: dict[str, np.ndarray], folder: str) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         used: set[str] = set()
-        for path, image in images.items():
+        for path, image in images:
             stem, n = Path(path).stem, 1
             while (name := stem if n == 1 else f"{stem}-{n}") in used:
                 n += 1
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         uri = args.model or default_model()
         model = evaluate.load_model(uri)
         print(f"model {uri}", file=sys.stderr)
-        width = max(len(p) for p in images)
-        for path, top in zip(images, ranked(model, np.stack(list(images.values())))):
+        width = max(len(path) for path, _ in images)
+        for (path, _), top in zip(images, ranked(model, np.stack([image for _, image in images]))):
             print(line(path, top, width))
     return 1 if failed else 0
 

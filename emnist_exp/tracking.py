@@ -15,7 +15,7 @@ import keras
 import mlflow
 import numpy as np
 import optuna
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 
 from emnist_exp import plots
 from emnist_exp.search import TrialSpec
@@ -326,8 +326,9 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
                                              "weights": None if weights is None else weights.tolist()}))
             artifacts = {"ensemble": str(spec_path)}
             artifacts.update({f"member_{i}": download_model(r) for i, r in enumerate(members)})
-            example = np.zeros((2, 28, 28), np.float32)
-            signature = infer_signature(example, serving.EnsembleModel.example_output(classes))
+            # Outputs only: an input schema would pin one dtype, and the model takes uint8 and float alike.
+            outputs = infer_signature(np.zeros((2, 28, 28)), serving.EnsembleModel.example_output(classes)).outputs
+            signature = ModelSignature(inputs=None, outputs=outputs)
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=serving.EnsembleModel(), artifacts=artifacts,
                 code_paths=[package], signature=signature, pip_requirements=_pip_requirements()

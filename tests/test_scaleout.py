@@ -169,7 +169,11 @@ class Workers:
     def trials(self):
         import optuna
 
-        return optuna.load_study(study_name=self.study, storage=self.storage).get_trials(deepcopy=False)
+        from emnist_exp.study import storage_url
+
+        if not hasattr(self, "_storage"):  # plain storage: no heartbeats, nothing failed from here
+            self._storage = optuna.storages.RDBStorage(storage_url(self.storage).render_as_string(hide_password=False))
+        return optuna.load_study(study_name=self.study, storage=self._storage).get_trials(deepcopy=False)
 
     def wait_for_running_trial(self, timeout: float = 180):
         """The first RUNNING trial whose MLflow run has started."""
