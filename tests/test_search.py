@@ -1,0 +1,50 @@
+"""The search space: one function, testable with FixedTrial; specs rebuild models."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from emnist_exp.model import build_augmenter, build_model
+from emnist_exp.search import SPACES, TrialSpec, spec_from_params, suggest_spec
+
+
+def test_fixed_trial_gives_the_spec_it_describes():
+    params = {"augment": True, "rotation": 10.0, "shift": 0.1, "zoom": 0.05, "elastic": 0.2, "dropout": 0.3,
+              "batch_norm": False, "width": 16, "learning_rate": 2e-3, "schedule": "cosine", "batch_size": 64,
+              "label_smoothing": 0.1}
+    spec = suggest_spec(optuna.trial.FixedTrial(params), "full")
+    assert spec == TrialSpec(**params)
+    assert spec_from_params(params) == spec
+    assert spec.short_name() == "aug=on bn=off drop=0.30"
+
+
+def test_augmentation_off_asks_for_no_strengths():
+    spec = spec_from_params({"augment": False, "dropout": 0.1, "batch_norm": True, "width": 32,
+                             "learning_rate": 1e-3, "schedule": "exp", "batch_size": 32, "label_smoothing": 0.0})
+    assert not spec.augment and spec.rotation == spec.shift == spec.zoom == spec.elastic == 0.0
+    assert build_augmenter(spec, seed=0) is None
+
+
+@pytest.mark.parametrize("space", sorted(SPACES))
+def test_every_space_samples_buildable_specs(space):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        trial = study.ask()
+        spec = suggest_spec(trial, space)
+        model = build_model(spec, 47)
+        assert model.output_shape == (None, 47) and model.input_shape == (None, 28, 28, 1)
+        assert not any("flip" in layer.name for layer in (build_augmenter(spec, 0) or model).layers)
+        study.tell(trial, 0.5)
+
+
+def test_seed_space_is_the_seed_recipe():
+    spec = suggest_spec(optuna.trial.FixedTrial({}), "seed")
+    assert (spec.width, spec.dropout, spec.batch_norm, spec.augment) == (32, 0.4, True, False)
+    assert (spec.learning_rate, spec.schedule, spec.batch_size) == (1e-3, "exp", 32)
+    model = build_model(spec, 47)
+    convs = [layer for layer in model.layers if layer.__class__.__name__ == "Conv2D"]
+    assert [c.filters for c in convs] == [32, 32, 32, 64, 64, 64, 128]
+    assert [c.kernel_size for c in convs] == [(3, 3), (3, 3), (5, 5), (3, 3), (3, 3), (5, 5), (4, 4)]
+    assert [c.strides for c in convs] == [(1, 1), (1, 1), (2, 2), (1, 1), (1, 1), (2, 2), (1, 1)]
+    assert sum(layer.__class__.__name__ == "BatchNormalization" for layer in model.layers) == 7
