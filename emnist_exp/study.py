@@ -26,6 +26,7 @@ SQLITE_TIMEOUT = 120  # seconds a local worker waits on another's write lock
 CONNECT_TIMEOUT = 10  # seconds before an unreachable database server is reported
 MAX_RETRY = 3  # a trial whose worker died runs again at most this often
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+CREATE_RACE = re.compile(r"already exists|duplicate key|UNIQUE constraint failed")  # two workers, one new database
 URL_SHAPE = "dialect[+driver]://user[:password]@host[:port]/database, or sqlite:///file.db"
 
 
@@ -105,8 +106,8 @@ def _create_storage(url: str, engine_kwargs: dict, heartbeat_interval: int, grac
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period, heartbeat_stale_trial_callback=RetryStaleTrial(MAX_RETRY),
             )
-        except sqlalchemy.exc.DBAPIError as exc:  # "table ... already exists", "duplicate key value ..."
-            if attempt == attempts - 1 or not re.search(r"already exists|duplicate key|UNIQUE constraint failed", str(exc)):
+        except sqlalchemy.exc.DBAPIError as exc:
+            if attempt == attempts - 1 or not CREATE_RACE.search(str(exc)):
                 raise
             time.sleep(1 + attempt)
     raise AssertionError("unreachable")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 from emnist_exp.errors import cli_main
@@ -19,7 +21,7 @@ OPTIONS = [  # (flag, help) — one flag per MLproject parameter of the `train` 
     ("preset", "a preset in experiments/ (quick, sample, bymerge) or a .toml path; flags override it"),
     ("data_dir", "tfds data dir for prepared datasets (default: TFDS_DATA_DIR or ~/tensorflow_datasets)"),
     ("val_fraction", "share of train carved off for validation (default: 0.1)"),
-    ("space", "search space: full (everything) or seed (the seed recipe, nothing searched)"),
+    ("space", "search space: full (everything), tuned (narrow, strong on CPU) or seed (the seed recipe)"),
     ("pruner", "median (default), hyperband or none"),
     ("total_trials", "COMPLETE trials the study needs across all workers; each worker stops once they are "
      "done or running elsewhere; 0 = no cap (default)"),
@@ -47,6 +49,19 @@ def parse_args(argv: list[str] | None = None) -> dict:
     return vars(build_parser().parse_args(argv))
 
 
+@contextlib.contextmanager
+def one_worker_at_a_time(data_dir: str):
+    """A lock per tfds folder on this machine: local workers starting together would each prepare the dataset."""
+    import fcntl  # noqa: PLC0415
+    import hashlib  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    key = hashlib.sha1(os.path.realpath(os.path.expanduser(data_dir)).encode()).hexdigest()[:16]
+    with open(os.path.join(tempfile.gettempdir(), f"emnist_exp-prepare-{key}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     from emnist_exp.config import resolve  # noqa: PLC0415 (keep --help free of TensorFlow)
@@ -58,15 +73,16 @@ def main(argv: list[str] | None = None) -> int:
 
     url = cfg.storage or studies.DEFAULT_STORAGE
     storage = studies.open_storage(url, heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period)
-    splits = data.load_splits(cfg.dataset, val_fraction=cfg.val_fraction, max_examples=cfg.max_examples,
-                              data_dir=cfg.data_dir, seed=cfg.seed)
-    counts = ", ".join(f"{k} {v:,}" for k, v in splits.counts.items())
-    print(f"dataset {cfg.dataset}: {len(splits.classes)} classes; {counts}", file=sys.stderr)
     study = studies.make_study(cfg, storage)
     callbacks = studies.worker_callbacks(cfg, study)
-    if callbacks is None:
+    if callbacks is None:  # before the data: a late worker of a finished study leaves at once
         print(f"study {cfg.study} already has {cfg.total_trials} complete trials: nothing to do", file=sys.stderr)
         return 0
+    with one_worker_at_a_time(cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"):
+        splits = data.load_splits(cfg.dataset, val_fraction=cfg.val_fraction, max_examples=cfg.max_examples,
+                                  data_dir=cfg.data_dir, seed=cfg.seed)
+    counts = ", ".join(f"{k} {v:,}" for k, v in splits.counts.items())
+    print(f"dataset {cfg.dataset}: {len(splits.classes)} classes; {counts}", file=sys.stderr)
     logged = {**cfg.to_dict(), "storage": studies.redact(cfg.storage)}  # never a password in the run
     with tracking.study_run(logged, storage=studies.redact(url), sampler=f"TPESampler(seed={cfg.seed})"):
         try:

@@ -149,7 +149,8 @@ class Workers:
         return (self.root / f"worker{i}.log").read_text()
 
     def logs(self) -> str:
-        return "\n".join(f"--- worker {i} (exit {p.returncode})\n{self.log(i)[-2500:]}" for i, p in enumerate(self.procs))
+        return "\n".join(f"--- worker {i} (exit {p.returncode})\n{self.log(i)[-2500:]}"
+                         for i, p in enumerate(self.procs))
 
     def wait(self, timeout: float) -> list[int]:
         deadline = time.monotonic() + timeout
@@ -211,8 +212,9 @@ class Workers:
 def workers(request, tmp_path, tfds_dir):
     made: list[Workers] = []
 
-    def make(storage: str, tracking_uri: str) -> Workers:
-        w = Workers(tmp_path, tfds_dir, storage, tracking_uri, f"{request.node.name[:40]}-{uuid.uuid4().hex[:6]}")
+    def make(storage: str, tracking_uri: str, tfds: Path | None = None) -> Workers:
+        study = f"{request.node.name[:40]}-{uuid.uuid4().hex[:6]}"
+        w = Workers(tmp_path, tfds or tfds_dir, storage, tracking_uri, study)
         made.append(w)
         return w
 
@@ -248,24 +250,12 @@ def assert_nothing_lost(w: Workers, total: int) -> list:
 # ---- many workers, one study ------------------------------------------------------------------------
 
 
-def test_three_workers_complete_exactly_n_trials_without_duplicates(new_database, tracking_server, workers):
-    w = workers(new_database(), tracking_server)
-    for _ in range(3):
-        w.start("--n_trials", "10", "--total_trials", "4")
-    assert w.wait(timeout=420) == [0, 0, 0], w.logs()
-    trials = assert_nothing_lost(w, total=4)
-    assert len(trials) == 4, "a worker started a trial the study did not need"
-    assert len({t.user_attrs["worker"] for t in trials}) == 3, "every worker took part"
-    params = [tuple(sorted(t.params.items())) for t in trials]
-    assert len(set(params)) == len(params), "two workers sampled the same parameters"
-    # a late worker finds the study done and starts nothing
-    late = w.start("--n_trials", "10", "--total_trials", "4")
-    assert late.wait(timeout=120) == 0, w.log(3)
-    assert "already has 4 complete trials" in w.log(3)
-    assert len(w.trials()) == 4
+def test_three_workers_one_killed_complete_exactly_n_trials(new_database, tracking_server, workers, capfd):
+    """Three workers share a PostgreSQL study and a tracking server; one is killed (-9) in the middle of a trial.
 
-
-def test_a_worker_killed_mid_trial_loses_nothing(new_database, tracking_server, workers):
+    The study still ends with exactly N COMPLETE trials, no trial run twice and no run logged twice;
+    the killed trial is FAIL and its parameters ran again; its runs are FAILED, not RUNNING forever.
+    """
     import optuna
 
     w = workers(new_database(), tracking_server)
@@ -275,18 +265,31 @@ def test_a_worker_killed_mid_trial_loses_nothing(new_database, tracking_server, 
     pid = int(victim.user_attrs["worker"].rpartition(":")[2])
     index = [p.pid for p in w.procs].index(pid)
     os.kill(pid, signal.SIGKILL)
-    codes = w.wait(timeout=420)
+    codes = w.wait(timeout=900)
     assert codes[index] == -signal.SIGKILL and codes.count(0) == 2, w.logs()
 
     trials = assert_nothing_lost(w, total=3)
+    assert len(trials) == 4, "a worker started a trial the study did not need"  # 3 COMPLETE + the killed one
+    params = [tuple(sorted(t.params.items())) for t in trials if t.number != victim.number]
+    assert len(set(params)) == len(params), "two workers ran the same parameters"
     lost = next(t for t in trials if t.number == victim.number)
     assert lost.state == optuna.trial.TrialState.FAIL
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == lost.params
+    assert retry.user_attrs["worker"] != lost.user_attrs["worker"]
     run = w.run(lost.user_attrs["mlflow_run_id"])
     assert (run.info.status, run.data.tags["optuna.state"]) == ("FAILED", "FAIL")
     assert w.run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"  # the dead worker's study run
     assert f"trial {victim.number} lost its worker" in "".join(w.log(i) for i in range(3) if i != index)
+
+    # A worker that comes late finds the study done and leaves before reading any data.
+    from emnist_exp import train
+
+    untouched = w.root / "tfds-untouched"
+    assert train.main(["--study", w.study, "--storage", w.storage, "--total_trials", "3",
+                       "--dataset", DATASET, "--data_dir", str(untouched)]) == 0
+    assert "already has 3 complete trials: nothing to do" in capfd.readouterr().err
+    assert len(w.trials()) == 4 and not untouched.exists()
 
 
 def test_ctrl_c_fails_the_trial_and_kills_its_runs(new_database, tracking_server, workers):
@@ -297,7 +300,7 @@ def test_ctrl_c_fails_the_trial_and_kills_its_runs(new_database, tracking_server
     trial = w.wait_for_running_trial()
     time.sleep(2)  # into training
     proc.send_signal(signal.SIGINT)
-    assert w.wait(timeout=120) == [130], w.logs()
+    assert w.wait(timeout=180) == [130], w.logs()
     assert "interrupted" in w.log(0)
     (stopped,) = w.trials()
     assert stopped.number == trial.number and stopped.state == optuna.trial.TrialState.FAIL
@@ -307,13 +310,18 @@ def test_ctrl_c_fails_the_trial_and_kills_its_runs(new_database, tracking_server
 
 
 def test_two_local_workers_share_sqlite(tmp_path, workers):
-    """The one-machine default: Optuna and MLflow both in SQLite files, two workers, no 'database is locked'."""
-    w = workers(f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    """The one-machine default, all new: Optuna and MLflow in SQLite files, an empty tfds folder, two workers.
+
+    Nothing is 'locked', no store is created twice, and the dataset is prepared once.
+    """
+    w = workers(f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "tfds")
     for _ in range(2):
-        w.start("--n_trials", "1")
-    assert w.wait(timeout=300) == [0, 0], w.logs()
+        w.start("--n_trials", "5", "--total_trials", "2")
+    assert w.wait(timeout=600) == [0, 0], w.logs()
     assert "locked" not in w.logs()
-    assert_nothing_lost(w, total=2)
+    assert sum("Downloading and preparing dataset" in w.log(i) for i in range(2)) == 1, w.logs()
+    trials = assert_nothing_lost(w, total=2)
+    assert len(trials) == 2 and len({t.user_attrs["worker"] for t in trials}) == 2
 
 
 # ---- bad configuration: one sentence, no password, before any data is read ---------------------------
