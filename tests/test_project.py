@@ -86,3 +86,19 @@ def test_a_preset_with_an_unknown_key_is_refused(tmp_path):
     bad.write_text('epochs = "two"\n')
     with pytest.raises(UserError, match="epochs must be int"):
         config.resolve({"preset": str(bad)})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "mnist"], "error: unknown dataset 'mnist'"),
+    (["--dataset", "idx:/no/such/folder"], "error: "),
+    (["--epochs", "many"], "error: epochs must be int, got 'many'."),
+    (["--storage", "postgresql://u:secret@127.0.0.1:1/db"], "error: "),
+])
+def test_train_entry_point_answers_bad_input_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    from emnist_exp import train
+
+    monkeypatch.chdir(tmp_path)
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
+    assert "Traceback" not in err[0] and "secret" not in err[0]
