@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -49,6 +51,15 @@ class Splits:
     @property
     def classes(self) -> tuple[str, ...]:
         return self.source.classes
+
+    @functools.cached_property
+    def val_labels(self) -> np.ndarray:
+        """Validation labels in order, read once for all trials."""
+        return labels_of(self.val)
+
+    @functools.cached_property
+    def test_labels(self) -> np.ndarray | None:
+        return None if self.test is None else labels_of(self.test)
 
 
 def _tfds_builder(spec: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -169,18 +180,14 @@ def eval_pipeline(ds: tf.data.Dataset, *, batch_size: int, num_classes: int | No
     return ds.prefetch(AUTOTUNE)
 
 
-def labels_of(ds: tf.data.Dataset) -> "np.ndarray":  # noqa: F821
+def labels_of(ds: tf.data.Dataset) -> np.ndarray:
     """All labels of an unbatched split, in order (a uint8 vector, small even for 700k)."""
-    import numpy as np  # noqa: PLC0415
-
     batches = [y for _, y in ds.map(lambda x, y: (0, y)).batch(8192).as_numpy_iterator()]
     return np.concatenate(batches).astype(np.uint8) if batches else np.zeros(0, np.uint8)
 
 
-def images_at(ds: tf.data.Dataset, indices) -> "np.ndarray":  # noqa: F821
+def images_at(ds: tf.data.Dataset, indices) -> np.ndarray:
     """The images at the given positions of an unbatched split (reads up to the largest index)."""
-    import numpy as np  # noqa: PLC0415
-
     wanted = sorted(int(i) for i in indices)
     if not wanted:
         return np.zeros((0, 28, 28, 1), np.uint8)

@@ -73,10 +73,10 @@ def member_predictions(run, reinfer: bool) -> dict[str, np.ndarray]:
                               max_examples=int(p.get("max_examples", 0)), data_dir=p.get("data_dir", ""))
     model = tracking.load_keras_model(run.info.run_id)
     out = {"classes": np.array(splits.classes), "val_probs": trainer.predict(model, splits.val).astype(np.float16),
-           "val_labels": data.labels_of(splits.val)}
+           "val_labels": splits.val_labels}
     if splits.test is not None:
         out["test_probs"] = trainer.predict(model, splits.test).astype(np.float16)
-        out["test_labels"] = data.labels_of(splits.test)
+        out["test_labels"] = splits.test_labels
     return out
 
 

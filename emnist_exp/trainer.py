@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -25,7 +25,6 @@ class TrainResult:
     test_probs: np.ndarray | None = None
     test_labels: np.ndarray | None = None
     diverged: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def epochs_run(self) -> int:
@@ -72,11 +71,11 @@ def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: i
     history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
     diverged = any(not math.isfinite(v) for v in history.get("loss", []))
     result = TrainResult(net, history, seconds, val_probs=np.zeros((0, num_classes)),
-                         val_labels=data.labels_of(splits.val), diverged=diverged)
+                         val_labels=splits.val_labels, diverged=diverged)
     if diverged:
         return result
     result.val_probs = predict(net, splits.val)
     if splits.test is not None:
         result.test_probs = predict(net, splits.test)
-        result.test_labels = data.labels_of(splits.test)
+        result.test_labels = splits.test_labels
     return result

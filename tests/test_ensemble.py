@@ -110,9 +110,6 @@ def test_each_strategy_on_a_real_study_matches_numpy(tiny_study, strategy, capsy
         w = np.asarray(weights)
         assert w.min() > 0 and w.sum() == pytest.approx(1.0)
         expected = np.einsum("m,mnc->nc", w, test).argmax(axis=1)
-        if strategy == "greedy":  # selection counts over at most 25 rounds
-            counts = w * 25 / w.max() if len(w) == 1 else None
-            assert counts is None or counts[0] == pytest.approx(25)
     assert run.data.metrics["test_accuracy"] == pytest.approx(np.mean(expected == test_labels))
     assert run.data.params["strategy"] == strategy
     for i, rid in enumerate(ids):

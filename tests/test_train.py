@@ -19,14 +19,9 @@ from emnist_exp.search import TrialSpec
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def study_runs(study: str, role: str) -> list:
-    return mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`emnist.role` = '{role}' and tags.`optuna.study` = '{study}'")
-
-
 def test_runs_form_a_tree_with_params_and_per_epoch_metrics(tiny_study):
-    parents = study_runs("tiny", "study")
-    children = study_runs("tiny", "trial")
+    parents = tracking.study_runs("tiny", "study")
+    children = tracking.study_runs("tiny", "trial")
     assert len(parents) >= 1 and len(children) >= 3
     parent = min(parents, key=lambda r: r.info.start_time)
     mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
@@ -54,7 +49,7 @@ def test_runs_form_a_tree_with_params_and_per_epoch_metrics(tiny_study):
 
 def test_optuna_trials_and_mlflow_runs_point_at_each_other(tiny_study, workdir):
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir / 'optuna.db'}")
-    runs = {r.info.run_id: r for r in study_runs("tiny", "trial")}
+    runs = {r.info.run_id: r for r in tracking.study_runs("tiny", "trial")}
     for trial in study.trials[:3]:
         run = runs[trial.user_attrs["mlflow_run_id"]]
         assert int(run.data.tags["optuna.trial_number"]) == trial.number
@@ -89,7 +84,7 @@ def test_rerunning_the_same_study_adds_trials(tiny_study, workdir):
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert len(study.trials) == before + 1
     assert study.trials[-1].number == before
-    assert len(study_runs("tiny", "study")) >= 2  # each worker invocation is its own parent run
+    assert len(tracking.study_runs("tiny", "study")) >= 2  # each worker invocation is its own parent run
 
 
 def test_pruning_stops_a_bad_trial(workdir):
@@ -122,10 +117,10 @@ def test_mlflow_run_entry_point_end_to_end(workdir):
            "-P", "seed=3", "-P", f"storage=sqlite:///{workdir / 'optuna.db'}"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    parent = study_runs("mlrun", "study")[0]
+    parent = tracking.study_runs("mlrun", "study")[0]
     assert parent.data.params["dataset"] == "synthetic:600"  # logged by `mlflow run` itself
     assert parent.data.params["config.seed"] == "3" and parent.data.params["config.epochs"] == "1"
     assert parent.data.tags.get("mlflow.project.entryPoint") == "train"
-    child = study_runs("mlrun", "trial")[0]
+    child = tracking.study_runs("mlrun", "trial")[0]
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "[mlrun] trial 1 of 1" in out.stderr
