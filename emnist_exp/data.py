@@ -164,8 +164,13 @@ def _one_hot(num_classes: int) -> Callable:
 
 def training_pipeline(ds: tf.data.Dataset, *, num_classes: int, batch_size: int, seed: int,
                       shuffle_buffer: int, augment: Callable | None = None) -> tf.data.Dataset:
-    """shuffle -> batch -> float -> augmentation (when on) -> one-hot -> prefetch."""
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    """shuffle -> batch -> float -> augmentation (when on) -> one-hot -> prefetch.
+
+    Batches are whole (the remainder, a different few each epoch, waits for the next shuffle):
+    with a dynamic batch size Keras' RandomElasticTransform (Keras 3.15) displaces pixels
+    across images, pasting one example's strokes onto its neighbours' labels.
+    """
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).batch(batch_size, drop_remainder=True)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
     if augment is not None:
         ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=AUTOTUNE)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import keras
 from keras import layers
 
@@ -82,7 +80,3 @@ def compile_model(model: keras.Model, spec: TrialSpec, steps_per_epoch: int, epo
         metrics=["accuracy"],
     )
     return model
-
-
-def steps_for(n_examples: int, batch_size: int) -> int:
-    return max(1, math.ceil(n_examples / batch_size))

@@ -55,10 +55,11 @@ def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: i
     keras.utils.set_random_seed(seed)
     num_classes = len(splits.classes)
     net = models.build_model(spec, num_classes)
-    steps = models.steps_for(splits.counts["train"], spec.batch_size)
+    batch_size = min(spec.batch_size, splits.counts["train"])  # whole batches only (see training_pipeline)
+    steps = splits.counts["train"] // batch_size
     models.compile_model(net, spec, steps, epochs)
     train_ds = data.training_pipeline(
-        splits.train, num_classes=num_classes, batch_size=spec.batch_size, seed=seed,
+        splits.train, num_classes=num_classes, batch_size=batch_size, seed=seed,
         shuffle_buffer=shuffle_buffer, augment=models.build_augmenter(spec, seed),
     )
     val_ds = data.eval_pipeline(splits.val, batch_size=EVAL_BATCH, num_classes=num_classes)

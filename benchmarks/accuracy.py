@@ -1,0 +1,108 @@
+"""The accuracy protocol, end to end: a real study on the EMNIST sample, then its top-5 ensemble.
+
+    python benchmarks/accuracy.py            # the protocol: preset=sample, then ensemble --top 5
+    python benchmarks/accuracy.py --smoke    # about a minute: the quick preset cut to 2 short trials
+
+It runs exactly the two user commands
+
+    mlflow run . -e train -P preset=sample --env-manager local
+    python -m emnist_exp.ensemble --top 5
+
+in a fresh tracking store and Optuna database under --workdir (so an earlier study of the same
+name is not continued), then reads the ensemble run back from MLflow. Members are selected and
+weighted on validation (carved from train); the test split is only reported. Needs conda-less
+`--env-manager local`, i.e. this environment already has the project installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(cmd: list[str], env: dict[str, str], log: Path) -> float:
+    """Run one command from the project root, its output teed to a log; return wall seconds."""
+    print("$ " + " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    with open(log, "a") as sink:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            sink.write(line)
+            if line.startswith(("trial", "study", "ensemble", "member", "assembled", "registered", "error")):
+                print("  " + line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            sys.exit(f"error: `{' '.join(cmd)}` exited with {proc.returncode}; its output is in {log}.")
+    return time.perf_counter() - started
+
+
+def ensemble_metrics(tracking_uri: str) -> dict[str, float]:
+    import mlflow  # noqa: PLC0415
+
+    from emnist_exp import tracking  # noqa: PLC0415
+
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{tracking.ROLE_TAG}` = 'ensemble'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    if not runs:
+        sys.exit("error: the ensemble command logged no ensemble run.")
+    return dict(runs[0].data.metrics), dict(runs[0].data.tags)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="sample", help="training preset (default: sample)")
+    parser.add_argument("--top", type=int, default=5, help="ensemble members (default: 5)")
+    parser.add_argument("--workdir", default=None, help="where the fresh stores go (default: a new temp dir)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the quick preset on synthetic:1500, 2 trials of 1 epoch, top 2: checks the script runs")
+    args = parser.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="emnist-accuracy-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri,
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    train = [sys.executable, "-m", "mlflow", "run", ".", "-e", "train", "--env-manager", "local",
+             "-P", f"preset={args.preset}", "-P", f"storage=sqlite:///{work / 'optuna.db'}"]
+    top = args.top
+    if args.smoke:
+        train += ["-P", "dataset=synthetic:1500", "-P", "n_trials=2", "-P", "epochs=1"]
+        top = 2
+    log = work / "protocol.log"
+    train_s = run(train, env, log)
+    ens_s = run([sys.executable, "-m", "emnist_exp.ensemble", "--top", str(top)], env, log)
+    m, tags = ensemble_metrics(tracking_uri)
+
+    n = sum(1 for k in m if k.startswith("member_") and k.endswith("_val_accuracy"))
+    val = [m[f"member_{i}_val_accuracy"] for i in range(n)]
+    test = [m[f"member_{i}_test_accuracy"] for i in range(n)]
+    best = max(range(n), key=val.__getitem__)
+    rows = [
+        ("protocol wall time (train + ensemble)", f"{(train_s + ens_s) / 60:.1f} min"),
+        ("  mlflow run . -e train", f"{train_s / 60:.1f} min"),
+        (f"  python -m emnist_exp.ensemble --top {top}", f"{ens_s:.0f} s"),
+        (f"members (strategy {tags.get('ensemble.strategy', '?')})", f"{n}"),
+        ("best member by validation: val accuracy", f"{100 * val[best]:.2f}%"),
+        ("best member by validation: test accuracy", f"{100 * test[best]:.2f}%"),
+        ("best member test accuracy (any member)", f"{100 * max(test):.2f}%"),
+        ("ensemble val accuracy", f"{100 * m['val_accuracy']:.2f}%"),
+        ("ensemble test accuracy", f"{100 * m['test_accuracy']:.2f}%"),
+        ("ensemble gain over best member (test)", f"{100 * (m['test_accuracy'] - test[best]):+.2f} points"),
+        ("ensemble gain over best test member", f"{100 * (m['test_accuracy'] - max(test)):+.2f} points"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\npreset {args.preset}{' (smoke)' if args.smoke else ''}, {os.cpu_count()} CPUs, stores in {work}")
+    print(f"{'measure':<{width}}  value")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
