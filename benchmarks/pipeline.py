@@ -1,18 +1,14 @@
-"""Pipeline against model: images/s of tf.data (augmentation off/on), of training, and peak RSS.
+"""Pipeline against model: images/s that tf.data delivers (augmentation off/on) and that training takes.
 
     python benchmarks/pipeline.py [--dataset idx:../shared/data/emnist-bymerge-sample] [--smoke]
 
-Each memory row runs in a fresh process so that its peak RSS is its own.
+Each rate is measured alone, one after the other, on all cores. Memory: benchmarks/memory.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import subprocess
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -20,12 +16,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SAMPLE = "idx:../shared/data/emnist-bymerge-sample"
 
 
-def pipeline_rate(dataset: str, augment: bool, batches: int, batch_size: int) -> float:
+def pipeline_rate(dataset: str, augment: bool, batches: int, batch_size: int, elastic: float = 0.0) -> float:
     from emnist_exp import data, model
     from emnist_exp.search import TrialSpec
 
     splits = data.load_splits(dataset)
-    spec = TrialSpec(augment=augment, rotation=10, shift=0.08, zoom=0.08, elastic=0.3)
+    spec = TrialSpec(augment=augment, rotation=10, shift=0.08, zoom=0.08, elastic=elastic)
     ds = data.training_pipeline(splits.train.repeat(), num_classes=47, batch_size=batch_size, seed=0,
                                 shuffle_buffer=10_000, augment=model.build_augmenter(spec, 0))
     it = iter(ds)
@@ -57,40 +53,26 @@ def training_rate(steps: int, batch_size: int) -> float:
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def stream_peak_rss(dataset: str, max_examples: int) -> dict:
-    """In a child process: stream every training batch once (augmentation on); report peak RSS."""
-    code = (
-        "import json, resource, sys; from emnist_exp import data, model; from emnist_exp.search import TrialSpec\n"
-        f"s = data.load_splits({dataset!r}, max_examples={max_examples})\n"
-        "aug = model.build_augmenter(TrialSpec(augment=True, rotation=10, shift=0.08), 0)\n"
-        "n = sum(int(x.shape[0]) for x, _ in data.training_pipeline(s.train, num_classes=47, batch_size=256,"
-        " seed=0, shuffle_buffer=10000, augment=aug))\n"
-        "print(json.dumps({'images': n, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=SAMPLE, help=f"dataset SPEC (default: {SAMPLE})")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: a check that the script runs")
     args = parser.parse_args()
-    batches, steps, small = (5, 3, 300) if args.smoke else (200, 60, 10_000)
+    batches, steps = (5, 3) if args.smoke else (300, 60)
     batch = 128
-    rows = [
-        ("pipeline, augmentation off", f"{pipeline_rate(args.dataset, False, batches, batch):,.0f} images/s"),
-        ("pipeline, augmentation on", f"{pipeline_rate(args.dataset, True, batches, batch):,.0f} images/s"),
-        ("training (seed CNN, batch 128)", f"{training_rate(steps, batch):,.0f} images/s"),
+    training = training_rate(steps, batch)
+    rates = [
+        ("pipeline, augmentation off", pipeline_rate(args.dataset, False, batches, batch)),
+        ("pipeline, augmentation on (rotate, shift, zoom)", pipeline_rate(args.dataset, True, batches, batch)),
+        ("pipeline, augmentation on + elastic 0.3", pipeline_rate(args.dataset, True, batches, batch, 0.3)),
     ]
-    for cap, label in [(small, f"{small:,} images"), (0, "whole train split")]:
-        result = stream_peak_rss(args.dataset, cap)
-        rows.append((f"peak RSS streaming {label} ({result['images']:,} seen)", f"{result['peak_rss_mb']:,.0f} MB"))
+    rows = [("training (seed CNN, batch 128)", f"{training:,.0f} images/s", "1.0x")]
+    rows += [(name, f"{rate:,.0f} images/s", f"{rate / training:.1f}x") for name, rate in rates]
     width = max(len(r[0]) for r in rows)
     print(f"dataset {args.dataset}, {os.cpu_count()} CPUs")
-    print(f"{'measure':<{width}}  value")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print(f"{'measure':<{width}}  {'value':>15}  vs training")
+    for name, value, ratio in rows:
+        print(f"{name:<{width}}  {value:>15}  {ratio}")
 
 
 if __name__ == "__main__":

@@ -73,13 +73,13 @@ def tuned_space(trial: optuna.Trial) -> TrialSpec:
     """A narrow space for CPU budgets: every point is a strong member, so trials differ in detail.
 
     Always augmented, batch-norm on, one-cycle at batch 128 (the fastest batch per image on CPU).
+    No elastic warp: Keras' costs more CPU per image than the other three layers together.
     """
     return TrialSpec(
         augment=True,
         rotation=trial.suggest_float("rotation", 4.0, 12.0),
         shift=trial.suggest_float("shift", 0.03, 0.10),
         zoom=trial.suggest_float("zoom", 0.03, 0.10),
-        elastic=trial.suggest_float("elastic", 0.0, 0.5),
         dropout=trial.suggest_float("dropout", 0.2, 0.45),
         learning_rate=trial.suggest_float("learning_rate", 1e-3, 4e-3, log=True),
         schedule="onecycle",

@@ -19,10 +19,36 @@ def run_script(name: str, *args: str) -> str:
 
 
 def test_pipeline_benchmark_smoke(workdir):
-    table = run_script("pipeline.py", "--smoke", "--dataset", "synthetic:600")
-    values = dict(re.findall(r"^(\S.*?)\s{2,}([\d,]+) (?:images/s|MB)$", table, flags=re.M))
-    assert len(values) == 5, table
-    rates = {k: float(v.replace(",", "")) for k, v in values.items()}
+    out = run_script("pipeline.py", "--smoke", "--dataset", "synthetic:600")
+    rows = re.findall(r"^(\S.*?)\s{2,}([\d,]+) images/s\s+([\d.]+)x$", out, flags=re.M)
+    assert len(rows) == 4, out
+    rates = {name: float(rate.replace(",", "")) for name, rate, _ in rows}
     assert all(v > 0 for v in rates.values())
     # Ratios within one run, never absolute timings: the pipeline outpaces the model it feeds.
-    assert rates["pipeline, augmentation off"] > rates["training (seed CNN, batch 128)"]
+    training = rates["training (seed CNN, batch 128)"]
+    assert rates["pipeline, augmentation off"] > training
+    assert rates["pipeline, augmentation off"] > rates["pipeline, augmentation on + elastic 0.3"]
+
+
+def table(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^(\S.*?)\s{2,}(\S.*)$", text, flags=re.M))
+
+
+def test_accuracy_benchmark_smoke(workdir, tmp_path):
+    """The protocol's two commands for real (mlflow run, then the ensemble), cut to two tiny trials."""
+    rows = table(run_script("accuracy.py", "--smoke", "--workdir", str(tmp_path)))
+    assert rows["members (strategy soft)"] == "2"
+    percent = {k: float(v.rstrip("%")) for k, v in rows.items() if v.endswith("%")}
+    assert len(percent) == 5 and all(0 < v <= 100 for v in percent.values())
+    assert percent["best member test accuracy (any member)"] >= percent["best member by validation: test accuracy"]
+    # (d) ratios within one run: the logged predictions assemble faster than re-inference
+    assert float(rows["assembly with --reinfer"].split()[0]) > float(rows["assembly from logged predictions"].split()[0])
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "optuna.db").exists()
+
+
+def test_memory_benchmark_smoke(workdir):
+    out = run_script("memory.py", "--smoke")
+    rows = re.findall(r"^(\S.*?)\s+([\d,]+)\s+(\d+)\s+([\d,]+)\s+([+-][\d.]+%)$", out, flags=re.M)
+    assert [r[0] for r in rows] == ["300 images", "synthetic:600", "synthetic:1200"], out
+    assert [int(r[1].replace(",", "")) for r in rows] == [270, 540, 1080]
+    assert all(float(r[3].replace(",", "")) > 100 for r in rows)  # a real process's RSS, in MB

@@ -21,6 +21,13 @@ from emnist_exp.errors import UserError
 IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension
 SIDE = 28
+IMAGE_NOTE = "Images are raw uint8 bytes instead of PNG: about twice as fast to stream, no decoding."
+
+
+def image_feature() -> tfds.features.Tensor:
+    """28x28x1 uint8 as raw bytes: reading one is a copy, where a PNG needs inflating (tf.data's bottleneck)."""
+    return tfds.features.Tensor(shape=(SIDE, SIDE, 1), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
+
 MAX_LABEL = 10_000
 
 # File names of the `gzip/` folder of EMNIST's gzip.zip
@@ -54,8 +61,8 @@ class EmnistIdxConfig(tfds.core.BuilderConfig):
 class EmnistIdx(tfds.core.GeneratorBasedBuilder):
     """EMNIST read from a local folder of official gzip IDX files, one split per file pair."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": IMAGE_NOTE}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -67,7 +74,7 @@ class EmnistIdx(tfds.core.GeneratorBasedBuilder):
             ),
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(shape=(SIDE, SIDE, 1)),
+                    "image": image_feature(),
                     "label": tfds.features.ClassLabel(names=list(self.builder_config.classes)),
                 }
             ),
@@ -86,7 +93,7 @@ class EmnistIdx(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, images_path: str, labels_path: str) -> Iterator[tuple[int, dict]]:
         images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
         for index, (image, label) in enumerate(zip(images, labels)):
-            yield index, {"image": png_bytes(image), "label": int(label)}
+            yield index, {"image": image[..., None], "label": int(label)}
 
 
 def idx_builder(folder: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
@@ -240,22 +247,3 @@ def gunzip(path: str) -> bytes:
         raise UserError(f"{file} is corrupt: its gzip data is damaged ({exc}).") from None
     except OSError as exc:
         raise UserError(f"{file} cannot be read: {exc.strerror or exc}.") from None
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """A 2-D uint8 array as a greyscale PNG: lossless, and about 4x faster than PIL for 28x28."""
-    height, width = image.shape
-    rows = np.zeros((height, width + 1), np.uint8)  # each PNG row starts with filter type 0
-    rows[:, 1:] = image
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey, no interlace
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", header)
-        + png_chunk(b"IDAT", zlib.compress(rows.tobytes()))
-        + png_chunk(b"IEND", b"")
-    )
-
-
-def png_chunk(tag: bytes, data: bytes) -> bytes:
-    """One PNG chunk: length, tag, data, CRC (https://www.w3.org/TR/png/#5Chunk-layout)."""
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))

@@ -14,7 +14,7 @@ from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from emnist_exp.builders.idx import png_bytes
+from emnist_exp.builders.idx import IMAGE_NOTE, image_feature
 from emnist_exp.classes import BYMERGE_CLASSES
 from emnist_exp.errors import UserError
 
@@ -71,8 +71,8 @@ class EmnistSyntheticConfig(tfds.core.BuilderConfig):
 class EmnistSynthetic(tfds.core.GeneratorBasedBuilder):
     """Printed glyphs from matplotlib's fonts, warped to look handwritten, framed like EMNIST."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": IMAGE_NOTE}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -85,7 +85,7 @@ class EmnistSynthetic(tfds.core.GeneratorBasedBuilder):
             ),
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(shape=(SIDE, SIDE, 1)),
+                    "image": image_feature(),
                     "label": tfds.features.ClassLabel(names=list(BYMERGE_CLASSES)),
                 }
             ),
@@ -108,7 +108,7 @@ class EmnistSynthetic(tfds.core.GeneratorBasedBuilder):
             indices = np.arange(start, min(start + CHUNK, count))
             labels = rng.permutation(indices % len(BYMERGE_CLASSES))
             for offset, (image, label) in enumerate(zip(render_batch(labels, rng), labels)):
-                yield start + offset, {"image": png_bytes(image), "label": int(label)}
+                yield start + offset, {"image": image[..., None], "label": int(label)}
 
 
 def synthetic_builder(
