@@ -65,13 +65,14 @@ def ensemble_metrics(tracking_uri: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="sample", help="training preset (default: sample)")
+    parser.add_argument("--preset", default=None, help="training preset (default: sample; quick with --smoke)")
     parser.add_argument("--top", type=int, default=5, help="ensemble members (default: 5)")
     parser.add_argument("--workdir", default=None, help="where the fresh stores go (default: a new temp dir)")
     parser.add_argument("--smoke", action="store_true",
                         help="the quick preset on synthetic:1500, 2 trials of 1 epoch, top 2: checks the script runs")
     args = parser.parse_args()
 
+    args.preset = args.preset or ("quick" if args.smoke else "sample")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="emnist-accuracy-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
