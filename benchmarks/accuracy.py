@@ -37,6 +37,7 @@ def run(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, list[str
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             sink.write(line)
+            sink.flush()
             lines.append(line)
             if line.startswith(("trial", "study", "ensemble", "member", "assembled", "registered", "error")):
                 print("  " + line.rstrip(), flush=True)

@@ -46,8 +46,11 @@ def fit_weights(val_probs: np.ndarray, val_labels: np.ndarray) -> np.ndarray:
         return nll(soft_vote(val_probs, weights), val_labels)
 
     start = np.zeros(len(val_probs))
-    result = minimize(loss, start, method="Nelder-Mead" if len(start) < 3 else "Powell",
-                      options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 2000})
+    if len(start) < 3:  # Powell needs 3+ dimensions to beat Nelder-Mead; their tolerances are named differently
+        method, options = "Nelder-Mead", {"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000}
+    else:
+        method, options = "Powell", {"xtol": 1e-4, "ftol": 1e-7, "maxiter": 2000}
+    result = minimize(loss, start, method=method, options=options)
     weights = np.exp(result.x - result.x.max())
     return weights / weights.sum()
 

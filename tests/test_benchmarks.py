@@ -52,3 +52,12 @@ def test_memory_benchmark_smoke(workdir):
     assert [r[0] for r in rows] == ["300 images", "synthetic:600", "synthetic:1200"], out
     assert [int(r[1].replace(",", "")) for r in rows] == [270, 540, 1080]
     assert all(float(r[3].replace(",", "")) > 100 for r in rows)  # a real process's RSS, in MB
+
+
+def test_strategies_benchmark_cross_fits_on_validation(tiny_study):
+    out = run_script("strategies.py", "--study", tiny_study["study"], "--top", "3", "--pool", "3")
+    found = re.findall(r"^(best member|soft|hard|weighted|greedy)\s+([\d.]+)\s+([\d.]+)$", out, flags=re.M)
+    rows = {name: (float(val), float(test)) for name, val, test in found}
+    assert set(rows) == {"best member", "soft", "hard", "weighted", "greedy"}, out
+    assert all(0.0 <= v <= 1.0 for pair in rows.values() for v in pair)
+    assert "3 finished trials" in out and "2-fold cross-fitted" in out

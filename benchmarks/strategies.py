@@ -1,0 +1,68 @@
+"""Which voting strategy should `python -m emnist_exp.ensemble` use by default? Decided on validation.
+
+    python benchmarks/strategies.py --study sample [--top 5] [--pool 10] [--folds 2]
+
+Weighted and greedy fit their weights on validation, so their accuracy on that same validation set
+is flattering. This script cross-fits instead: it splits validation into folds, fits on all but
+one fold, scores the held-out fold, and averages. That makes the four strategies comparable
+without touching test. Test accuracy (fitted on all of validation, as the CLI does) is printed for
+the record only. Reads the study's logged predictions from the MLflow store (MLFLOW_TRACKING_URI).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from emnist_exp import tracking, voting
+
+
+def members(study: str, top: int, pool: int) -> tuple[dict, dict]:
+    runs = tracking.finished_trials(study=study)
+    if not runs:
+        raise SystemExit(f"error: no finished trial runs in study {study!r}.")
+    preds = [tracking.load_predictions(r.info.run_id) for r in runs[: max(top, pool)]]
+    stack = {split: (np.stack([p[f"{split}_probs"] for p in preds]).astype(np.float32),
+                     preds[0][f"{split}_labels"].astype(np.int64)) for split in ("val", "test")}
+    return stack, {"runs": len(runs)}
+
+
+def evaluate(strategy: str, val: tuple, test: tuple, folds: int, seed: int) -> tuple[float, float]:
+    probs, labels = val
+    order = np.random.default_rng(seed).permutation(len(labels))
+    held_out_correct = 0
+    for fold in np.array_split(order, folds):
+        fit = np.setdiff1d(order, fold)
+        weights = voting.weights_for(strategy, probs[:, fit], labels[fit])
+        scores = voting.combine(strategy, probs[:, fold], weights)
+        held_out_correct += int(np.sum(scores.argmax(axis=1) == labels[fold]))
+    weights = voting.weights_for(strategy, *val)
+    return held_out_correct / len(labels), voting.accuracy(voting.combine(strategy, test[0], weights), test[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default=None, help="Optuna study (default: the most recent)")
+    parser.add_argument("--top", type=int, default=5, help="members for soft, hard and weighted (default: 5)")
+    parser.add_argument("--pool", type=int, default=10, help="greedy's candidates, as in the CLI (default: 10)")
+    parser.add_argument("--folds", type=int, default=2, help="validation folds for cross-fitting (default: 2)")
+    parser.add_argument("--seed", type=int, default=0, help="how validation is split into folds")
+    args = parser.parse_args()
+    study = args.study or tracking.latest_study()
+    stack, info = members(study, args.top, args.pool)
+    top = {s: (p[: args.top], y) for s, (p, y) in stack.items()}
+    best = int(np.argmax([voting.accuracy(p, top["val"][1]) for p in top["val"][0]]))
+    print(f"study {study}: {info['runs']} finished trials; top {args.top} by validation, greedy from "
+          f"{len(stack['val'][0])}; {args.folds}-fold cross-fitted on {len(stack['val'][1]):,} validation images")
+    print(f"{'strategy':<22} {'val (cross-fitted)':>18} {'test':>8}")
+    best_val = voting.accuracy(top["val"][0][best], top["val"][1])
+    print(f"{'best member':<22} {best_val:>18.4f} {voting.accuracy(top['test'][0][best], top['test'][1]):>8.4f}")
+    for strategy in voting.STRATEGIES:
+        pool = stack if strategy == "greedy" else top
+        val_acc, test_acc = evaluate(strategy, pool["val"], pool["test"], args.folds, args.seed)
+        print(f"{strategy:<22} {val_acc:>18.4f} {test_acc:>8.4f}")
+
+
+if __name__ == "__main__":
+    main()
