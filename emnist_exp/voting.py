@@ -46,7 +46,7 @@ def fit_weights(val_probs: np.ndarray, val_labels: np.ndarray) -> np.ndarray:
         return nll(soft_vote(val_probs, weights), val_labels)
 
     start = np.zeros(len(val_probs))
-    if len(start) < 3:  # Powell needs 3+ dimensions to beat Nelder-Mead; their tolerances are named differently
+    if len(start) < 3:  # the two methods name their tolerances differently
         method, options = "Nelder-Mead", {"xatol": 1e-4, "fatol": 1e-7, "maxiter": 2000}
     else:
         method, options = "Powell", {"xtol": 1e-4, "ftol": 1e-7, "maxiter": 2000}
