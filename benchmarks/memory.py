@@ -42,7 +42,8 @@ def child(code: str, *args: str) -> str:
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"error: a measurement process failed:\n{out.stderr[-3000:]}")
-    return out.stdout.strip().splitlines()[-1]
+    lines = out.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ Weighted and greedy fit their weights on validation, so their accuracy on that s
 is flattering. This script cross-fits instead: it splits validation into folds, fits on all but
 one fold, scores the held-out fold, and averages. That makes the four strategies comparable
 without touching test. Test accuracy (fitted on all of validation, as the CLI does) is printed for
-the record only. Reads the study's logged predictions from the MLflow store (MLFLOW_TRACKING_URI).
+the record only. Reads the study's logged predictions from the MLflow store (MLFLOW_TRACKING_URI). The last rows
+show the headroom: the "oracle" is right wherever any top member is, which no vote can beat.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def main() -> None:
         pool = stack if strategy == "greedy" else top
         val_acc, test_acc = evaluate(strategy, pool["val"], pool["test"], args.folds, args.seed)
         print(f"{strategy:<22} {val_acc:>18.4f} {test_acc:>8.4f}")
+    # The headroom any vote has: an example that every member gets wrong stays wrong.
+    wrong = {s: p.argmax(axis=2) != y[None] for s, (p, y) in top.items()}
+    print(f"{'oracle (any member)':<22} {1 - wrong['val'].all(0).mean():>18.4f} {1 - wrong['test'].all(0).mean():>8.4f}")
+    shared = {s: w.all(0).sum() / w.any(0).sum() for s, w in wrong.items()}
+    print(f"{'errors all share':<22} {shared['val']:>18.1%} {shared['test']:>8.1%}  (of examples any member gets wrong)")
 
 
 if __name__ == "__main__":

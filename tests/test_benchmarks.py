@@ -56,8 +56,11 @@ def test_memory_benchmark_smoke(workdir):
 
 def test_strategies_benchmark_cross_fits_on_validation(tiny_study):
     out = run_script("strategies.py", "--study", tiny_study["study"], "--top", "3", "--pool", "3")
-    found = re.findall(r"^(best member|soft|hard|weighted|greedy)\s+([\d.]+)\s+([\d.]+)$", out, flags=re.M)
+    names = r"best member|soft|hard|weighted|greedy|oracle \(any member\)"
+    found = re.findall(rf"^({names})\s+([\d.]+)\s+([\d.]+)$", out, flags=re.M)
     rows = {name: (float(val), float(test)) for name, val, test in found}
-    assert set(rows) == {"best member", "soft", "hard", "weighted", "greedy"}, out
+    assert set(rows) == {"best member", "soft", "hard", "weighted", "greedy", "oracle (any member)"}, out
+    # no vote beats the oracle, which is right wherever any member is
+    assert all(rows["oracle (any member)"][1] >= rows[name][1] for name in rows)
     assert all(0.0 <= v <= 1.0 for pair in rows.values() for v in pair)
     assert "3 finished trials" in out and "2-fold cross-fitted" in out
