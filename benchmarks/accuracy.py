@@ -18,50 +18,44 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from emnist_exp.config import resolve
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, list[str]]:
-    """Run one command from the project root, its output teed to a log; return wall seconds and lines."""
+def run(cmd: list[str], env: dict[str, str], log: Path) -> float:
+    """Run one command from the project root, its output teed to a log; return wall seconds."""
     print("$ " + " ".join(cmd), flush=True)
     started = time.perf_counter()
-    lines = []
     with open(log, "a") as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             sink.write(line)
             sink.flush()
-            lines.append(line)
             if line.startswith(("trial", "study", "ensemble", "member", "assembled", "registered", "error")):
                 print("  " + line.rstrip(), flush=True)
         if proc.wait() != 0:
             sys.exit(f"error: `{' '.join(cmd)}` exited with {proc.returncode}; its output is in {log}.")
-    return time.perf_counter() - started, lines
+    return time.perf_counter() - started
 
 
-def assembly_seconds(lines: list[str]) -> float:
-    found = [re.search(r"^assembled \d+ members in ([\d.]+)s", line) for line in lines]
-    return [float(m.group(1)) for m in found if m][-1]
-
-
-def ensemble_metrics(tracking_uri: str) -> dict[str, float]:
+def ensemble_runs(tracking_uri: str, study: str, expected: int) -> list:
+    """The study's ensemble runs, newest first, as the ensemble command logged them."""
     import mlflow  # noqa: PLC0415
 
     from emnist_exp import tracking  # noqa: PLC0415
 
     mlflow.set_tracking_uri(tracking_uri)
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{tracking.ROLE_TAG}` = 'ensemble'",
-                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
-    if not runs:
-        sys.exit("error: the ensemble command logged no ensemble run.")
-    return dict(runs[0].data.metrics), dict(runs[0].data.tags)
+    runs = tracking.study_runs(study, "ensemble")
+    if len(runs) != expected:
+        sys.exit(f"error: expected {expected} ensemble runs of study {study!r}, found {len(runs)}.")
+    return runs
 
 
 def main() -> None:
@@ -86,13 +80,15 @@ def main() -> None:
         train += ["-P", "dataset=synthetic:1500", "-P", "n_trials=2", "-P", "epochs=1"]
         top = 2
     log = work / "protocol.log"
-    train_s, _ = run(train, env, log)
+    train_s = run(train, env, log)
     ensemble = [sys.executable, "-m", "emnist_exp.ensemble", "--top", str(top)]
-    ens_s, _ = run(ensemble, env, log)
-    m, tags = ensemble_metrics(tracking_uri)
+    ens_s = run(ensemble, env, log)
     # (d) the same members again, without registering: from the logged predictions, then re-inferred
-    cached = assembly_seconds(run(ensemble + ["--no-register"], env, log)[1])
-    reinfer = assembly_seconds(run(ensemble + ["--no-register", "--reinfer"], env, log)[1])
+    run(ensemble + ["--no-register"], env, log)
+    run(ensemble + ["--no-register", "--reinfer"], env, log)
+    reinferred, cached, protocol = ensemble_runs(tracking_uri, resolve({"preset": args.preset}).study, 3)
+    m, tags = protocol.data.metrics, protocol.data.tags
+    cached_s, reinfer_s = cached.data.metrics["assembly_seconds"], reinferred.data.metrics["assembly_seconds"]
 
     n = sum(1 for k in m if k.startswith("member_") and k.endswith("_val_accuracy"))
     val = [m[f"member_{i}_val_accuracy"] for i in range(n)]
@@ -110,9 +106,9 @@ def main() -> None:
         ("ensemble test accuracy", f"{100 * m['test_accuracy']:.2f}%"),
         ("ensemble gain over best member (test)", f"{100 * (m['test_accuracy'] - test[best]):+.2f} points"),
         ("ensemble gain over best test member", f"{100 * (m['test_accuracy'] - max(test)):+.2f} points"),
-        ("assembly from logged predictions", f"{cached:.2f} s"),
-        ("assembly with --reinfer", f"{reinfer:.2f} s"),
-        ("cache speed-up", f"{reinfer / cached:.0f}x"),
+        ("assembly from logged predictions", f"{cached_s:.2f} s"),
+        ("assembly with --reinfer", f"{reinfer_s:.2f} s"),
+        ("cache speed-up", f"{reinfer_s / cached_s:.0f}x"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"\npreset {args.preset}{' (smoke)' if args.smoke else ''}, {os.cpu_count()} CPUs, stores in {work}")

@@ -17,16 +17,16 @@ import argparse
 import numpy as np
 
 from emnist_exp import tracking, voting
+from emnist_exp.ensemble import member_predictions, stack
 
 
-def members(study: str, top: int, pool: int) -> tuple[dict, dict]:
+def members(study: str, top: int, pool: int) -> tuple[dict, int]:
+    """Logged validation and test predictions of the study's best max(top, pool) trials, and the trial count."""
     runs = tracking.finished_trials(study=study)
     if not runs:
         raise SystemExit(f"error: no finished trial runs in study {study!r}.")
-    preds = [tracking.load_predictions(r.info.run_id) for r in runs[: max(top, pool)]]
-    stack = {split: (np.stack([p[f"{split}_probs"] for p in preds]).astype(np.float32),
-                     preds[0][f"{split}_labels"].astype(np.int64)) for split in ("val", "test")}
-    return stack, {"runs": len(runs)}
+    preds = [member_predictions(r, reinfer=False) for r in runs[: max(top, pool)]]
+    return {split: stack(preds, split) for split in ("val", "test")}, len(runs)
 
 
 def evaluate(strategy: str, val: tuple, test: tuple, folds: int, seed: int) -> tuple[float, float]:
@@ -51,16 +51,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="how validation is split into folds")
     args = parser.parse_args()
     study = args.study or tracking.latest_study()
-    stack, info = members(study, args.top, args.pool)
-    top = {s: (p[: args.top], y) for s, (p, y) in stack.items()}
+    pooled, n_runs = members(study, args.top, args.pool)
+    top = {s: (p[: args.top], y) for s, (p, y) in pooled.items()}
     best = int(np.argmax([voting.accuracy(p, top["val"][1]) for p in top["val"][0]]))
-    print(f"study {study}: {info['runs']} finished trials; top {args.top} by validation, greedy from "
-          f"{len(stack['val'][0])}; {args.folds}-fold cross-fitted on {len(stack['val'][1]):,} validation images")
+    print(f"study {study}: {n_runs} finished trials; top {args.top} by validation, greedy from "
+          f"{len(pooled['val'][0])}; {args.folds}-fold cross-fitted on {len(pooled['val'][1]):,} validation images")
     print(f"{'strategy':<22} {'val (cross-fitted)':>18} {'test':>8}")
     best_val = voting.accuracy(top["val"][0][best], top["val"][1])
     print(f"{'best member':<22} {best_val:>18.4f} {voting.accuracy(top['test'][0][best], top['test'][1]):>8.4f}")
     for strategy in voting.STRATEGIES:
-        pool = stack if strategy == "greedy" else top
+        pool = pooled if strategy == "greedy" else top
         val_acc, test_acc = evaluate(strategy, pool["val"], pool["test"], args.folds, args.seed)
         print(f"{strategy:<22} {val_acc:>18.4f} {test_acc:>8.4f}")
     # The headroom any vote has: an example that every member gets wrong stays wrong.

@@ -22,12 +22,6 @@ IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension
 SIDE = 28
 IMAGE_NOTE = "Images are raw uint8 bytes instead of PNG: about twice as fast to stream, no decoding."
-
-
-def image_feature() -> tfds.features.Tensor:
-    """28x28x1 uint8 as raw bytes: reading one is a copy, where a PNG needs inflating (tf.data's bottleneck)."""
-    return tfds.features.Tensor(shape=(SIDE, SIDE, 1), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
-
 MAX_LABEL = 10_000
 
 # File names of the `gzip/` folder of EMNIST's gzip.zip
@@ -45,6 +39,11 @@ CITATION = """@article{cohen_afshar_tapson_schaik_2017,
     year={2017},
     doi={10.1109/ijcnn.2017.7966217},
 }"""
+
+
+def image_feature() -> tfds.features.Tensor:
+    """28x28x1 uint8 as raw bytes: reading one is a copy, where a PNG needs inflating (tf.data's bottleneck)."""
+    return tfds.features.Tensor(shape=(SIDE, SIDE, 1), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
