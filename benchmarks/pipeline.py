@@ -25,7 +25,7 @@ def pipeline_rate(dataset: str, augment: bool, batches: int, batch_size: int, el
     ds = data.training_pipeline(splits.train.repeat(), num_classes=47, batch_size=batch_size, seed=0,
                                 shuffle_buffer=10_000, augment=model.build_augmenter(spec, 0))
     it = iter(ds)
-    for _ in range(5):  # warm-up: graph tracing, shuffle buffer fill
+    for _ in range(20):  # warm-up: graph tracing, shuffle buffer fill, autotuning
         next(it)
     start = time.perf_counter()
     for _ in range(batches):

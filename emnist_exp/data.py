@@ -18,6 +18,8 @@ from emnist_exp.errors import UserError
 AUTOTUNE = tf.data.AUTOTUNE
 SYNTHETIC_SIZE = 12_000  # `synthetic` alone: train examples; test is a sixth of that
 TRANSPOSED_BUILDERS = {"emnist", "emnist_idx"}  # stored as in EMNIST's files: transpose to get upright
+BLOCK = 1024  # examples parsed and turned upright per op (see read_split)
+RAW_BUILDERS = {"emnist_idx", "emnist_synthetic"}  # ours: ordered, raw-byte images (see _record_blocks)
 EMNIST_HOST = "biometrics.nist.gov"  # where tfds downloads EMNIST's gzip.zip from
 
 
@@ -121,14 +123,50 @@ def label_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
 
 
 def read_split(source: Source, split: str, *, shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """Stream one tfds split (slicing allowed) as upright (uint8 image, int64 label) pairs."""
-    # Ordered builders (disable_shuffling) must be read in order; the shuffle buffer still mixes them.
-    shuffle = shuffle_seed is not None and not source.builder.info.disable_shuffling
-    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed) if shuffle else None
-    ds = source.builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config, as_supervised=True)
+    """Stream one tfds split (slicing allowed) as upright (uint8 image, int64 label) pairs.
+
+    Work happens on blocks of BLOCK examples, then unbatch (order and examples kept): a per-example
+    map costs tens of microseconds of CPU per call, which capped the whole pipeline at ~25k images/s.
+    """
+    builder = source.builder
+    if builder.name in RAW_BUILDERS:
+        blocks = _record_blocks(builder, split)
+    else:
+        # Ordered builders (disable_shuffling) must be read in order; the shuffle buffer still mixes them.
+        shuffle = shuffle_seed is not None and not builder.info.disable_shuffling
+        read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed) if shuffle else None
+        examples = builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config, as_supervised=True)
+        blocks = examples.batch(BLOCK)
     if source.transposed:
-        ds = ds.map(lambda image, label: (tf.transpose(image, [1, 0, 2]), label), num_parallel_calls=AUTOTUNE)
-    return ds
+        blocks = blocks.map(_upright, num_parallel_calls=AUTOTUNE)
+    return blocks.unbatch()
+
+
+def _record_blocks(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
+    """A split of one of our builders as blocks, parsed by tfds' own features from its prepared records.
+
+    `as_dataset` parses one record per map call: ~60 us of CPU an image, 27k images/s on two cores.
+    Our builders are ordered (disable_shuffling) and hold raw bytes, so the records of the split
+    (tfds' file instructions, slices included) are parsed a block at a time instead: ~90k images/s.
+    """
+    features = builder.info.features
+    spec = {key: tf.io.FixedLenFeature(info.shape, info.dtype)
+            for key, info in features.get_serialized_info().items()}
+    image_key, label_key = builder.info.supervised_keys
+    shards = [tf.data.TFRecordDataset(part.filename).skip(part.skip).take(part.take)
+              for part in builder.info.splits[split].file_instructions]
+    records = functools.reduce(tf.data.Dataset.concatenate, shards)
+
+    def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        example = features.decode_batch_example(tf.io.parse_example(serialized, spec))
+        return example[image_key], example[label_key]
+
+    return records.batch(BLOCK).map(parse, num_parallel_calls=AUTOTUNE)
+
+
+def _upright(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """A block of EMNIST-file images (N, 28, 28, 1), stored transposed, made upright."""
+    return tf.transpose(images, [0, 2, 1, 3]), labels
 
 
 def carve(total: int, val_fraction: float, cap: int = 0) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 import warnings
+from typing import Any
 
 import keras
 import numpy as np
@@ -158,9 +159,50 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
 
 
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """TPE whose random draws are seeded by the seed and the trial's number, not by the worker.
+
+    With TPESampler(seed=s) in every worker, workers that start together draw the same start-up
+    points: parallel workers repeat each other's first trials. Trial numbers are unique within a
+    study, so a TPE made afresh for each trial, seeded s + number, keeps one worker reproducible
+    and sends parallel workers to different points. TPE carries nothing between trials but its
+    random state (it reads the history from the storage), so nothing else is lost.
+    """
+
+    def __init__(self, seed: int, **tpe_options: Any):
+        self.seed = seed
+        self.tpe_options = tpe_options
+        self.tpe = optuna.samplers.TPESampler(seed=seed, **tpe_options)
+
+    def __str__(self) -> str:
+        options = "".join(f", {key}={value}" for key, value in self.tpe_options.items())
+        return f"TPESampler(seed=({self.seed}, trial number){options})"
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # Not seed + number: workers started with seeds 0, 1, 2 would meet on the diagonal.
+        seed = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
+        self.tpe = optuna.samplers.TPESampler(seed=seed, **self.tpe_options)
+        self.tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.tpe.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.tpe.reseed_rng()
+
+
 def make_study(cfg: Config, storage: optuna.storages.BaseStorage) -> optuna.Study:
     # constant_liar: workers treat each other's running trials as bad, so they don't all sample one point.
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed, constant_liar=True)
+    sampler = TrialSeededTPE(cfg.seed, constant_liar=True)
     return optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler,
                                pruner=make_pruner(cfg.pruner), direction="maximize", load_if_exists=True)
 

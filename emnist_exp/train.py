@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = ", ".join(f"{k} {v:,}" for k, v in splits.counts.items())
     print(f"dataset {cfg.dataset}: {len(splits.classes)} classes; {counts}", file=sys.stderr)
     logged = {**cfg.to_dict(), "storage": studies.redact(cfg.storage)}  # never a password in the run
-    with tracking.study_run(logged, storage=studies.redact(url), sampler=f"TPESampler(seed={cfg.seed})"):
+    with tracking.study_run(logged, storage=studies.redact(url), sampler=str(study.sampler)):
         try:
             study.optimize(studies.Objective(cfg, splits), n_trials=cfg.n_trials, timeout=cfg.timeout or None,
                            callbacks=callbacks, gc_after_trial=True)

@@ -30,6 +30,21 @@ def test_idx_source_streams_upright_images(tmp_path):
     np.testing.assert_array_equal(got, labels[15:])
 
 
+def test_block_reader_gives_what_tfds_as_dataset_gives(tmp_path, monkeypatch):
+    """Our builders are parsed a block at a time from their records; the result must be tfds' own."""
+    monkeypatch.setattr(data, "BLOCK", 8)  # blocks boundaries inside the slices
+    upright, labels = random_split(60, seed=4)
+    folder = write_idx_folder(tmp_path / "f", splits={"train": (upright, labels)})
+    source = data.open_source(f"idx:{folder}", data_dir=str(tmp_path / "tfds"))
+    assert source.builder.name in data.RAW_BUILDERS
+    for split in ("train", "train[7:33]", "train[50:]"):
+        images, got = arrays(data.read_split(source, split))
+        stored, want = arrays(source.builder.as_dataset(split=split, as_supervised=True))
+        np.testing.assert_array_equal(images, stored.transpose(0, 2, 1, 3))
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(arrays(data.read_split(source, "train[7:33]"))[0][..., 0], upright[7:33])
+
+
 def test_validation_is_carved_from_train_disjoint_and_deterministic(tmp_path):
     upright, labels = random_split(50, seed=9)
     folder = write_idx_folder(tmp_path / "f", splits={"train": (upright, labels)})

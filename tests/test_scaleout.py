@@ -138,7 +138,7 @@ class Workers:
                "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}  # 2 cores shared by 3 workers
         env.pop("MLFLOW_RUN_ID", None)
         cmd = [sys.executable, "-m", "emnist_exp.train", "--study", self.study, "--storage", self.storage,
-               "--seed", str(i), *WORKER_ARGS, *args]
+               *WORKER_ARGS, *args]  # one command, one seed, as a user starts workers
         log = open(self.root / f"worker{i}.log", "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root)
         log.close()
