@@ -155,7 +155,8 @@ def _record_blocks(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dat
     image_key, label_key = builder.info.supervised_keys
     shards = [tf.data.TFRecordDataset(part.filename).skip(part.skip).take(part.take)
               for part in builder.info.splits[split].file_instructions]
-    records = functools.reduce(tf.data.Dataset.concatenate, shards)
+    empty = tf.data.TFRecordDataset(tf.constant([], tf.string))  # an empty slice has no file instructions
+    records = functools.reduce(tf.data.Dataset.concatenate, shards, empty)
 
     def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         example = features.decode_batch_example(tf.io.parse_example(serialized, spec))
