@@ -68,8 +68,12 @@ def test_logged_model_predicts_as_in_training_and_artifacts_are_compact(tiny_stu
     model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
     images = np.stack([x for x, _ in splits.val.as_numpy_iterator()]).astype(np.float32)
     live = model.predict(images, verbose=0)
-    np.testing.assert_allclose(live, preds["val_probs"].astype(np.float32), atol=2e-3)
-    assert np.array_equal(live.argmax(axis=1), preds["val_probs"].argmax(axis=1))
+    # float16 keeps about three significant digits; this barely trained model is close to uniform.
+    np.testing.assert_allclose(live, preds["val_probs"].astype(np.float32), rtol=2e-3, atol=1e-5)
+    # Its near-ties (top two within float16's rounding) may swap when stored; the others may not.
+    top_two = np.sort(live, axis=1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 1e-4
+    np.testing.assert_array_equal(live.argmax(axis=1)[clear], preds["val_probs"].argmax(axis=1)[clear])
     assert tracking.model_classes(f"runs:/{run.info.run_id}/model") == splits.classes
 
 
