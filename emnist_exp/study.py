@@ -164,8 +164,8 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
 
     With TPESampler(seed=s) in every worker, workers that start together draw the same start-up
     points: parallel workers repeat each other's first trials. Trial numbers are unique within a
-    study, so a TPE made afresh for each trial, seeded s + number, keeps one worker reproducible
-    and sends parallel workers to different points. TPE carries nothing between trials but its
+    study, so a TPE made afresh for each trial, seeded from (s, number), keeps one worker
+    reproducible and sends parallel workers to different points. TPE carries nothing between trials but its
     random state (it reads the history from the storage), so nothing else is lost.
     """
 
