@@ -209,13 +209,57 @@ def load_splits(spec: str, *, val_fraction: float = 0.1, max_examples: int = 0, 
     n_test = source.num_examples("test") if has_test else 0
     if max_examples and has_test:
         n_test = min(n_test, max_examples)
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    slices = split_slices(counts)
     return Splits(
         source=source,
-        train=read_split(source, f"train[:{n_train}]", shuffle_seed=seed),
-        val=read_split(source, f"train[{n_train}:{n_train + n_val}]"),
-        test=read_split(source, f"test[:{n_test}]") if has_test else None,
-        counts={"train": n_train, "val": n_val, "test": n_test},
+        train=read_split(source, slices["train"], shuffle_seed=seed),
+        val=read_split(source, slices["val"]),
+        test=read_split(source, slices["test"]) if has_test else None,
+        counts=counts,
     )
+
+
+def split_slices(counts: dict[str, int]) -> dict[str, str]:
+    """The tfds slices behind the counts of load_splits: validation is the end of the capped train."""
+    n_train, n_val = counts["train"], counts["val"]
+    return {"train": f"train[:{n_train}]", "val": f"train[{n_train}:{n_train + n_val}]",
+            "test": f"test[:{counts['test']}]"}
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    """What one split of a study is, for the record: enough to tell two runs' data apart."""
+
+    context: str  # training | validation | test
+    slice: str  # the tfds slice, e.g. train[:76361]
+    count: int
+    digest: str
+    location: str  # the folder the examples are read from
+
+
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+
+
+def split_records(splits: Splits) -> list[SplitRecord]:
+    """Train, validation and test (when there is one) as SplitRecords.
+
+    The digest hashes the prepared builder's name, config and version with the slice: an idx
+    config is named by a hash of its files' bytes, a synthetic one by its size, and a tfds release
+    by its version, so equal digests mean the same examples in the same order.
+    """
+    builder = splits.source.builder
+    config = builder.builder_config.name if builder.builder_config else ""
+    identity = f"{builder.name}/{config}:{builder.version}"
+    spec = splits.source.spec
+    location = os.path.abspath(spec[len("idx:") :]) if spec.startswith("idx:") else str(builder.data_dir)
+    records = []
+    for split, piece in split_slices(splits.counts).items():
+        if split == "test" and splits.test is None:
+            continue
+        digest = hashlib.sha1(f"{identity}|{piece}".encode()).hexdigest()[:16]
+        records.append(SplitRecord(SPLIT_CONTEXTS[split], piece, splits.counts[split], digest, location))
+    return records
 
 
 def _one_hot(num_classes: int) -> Callable:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,17 +16,29 @@ import keras
 import mlflow
 import numpy as np
 import optuna
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from emnist_exp import plots
+from emnist_exp.errors import UserError
 from emnist_exp.spec import TrialSpec
 
 ROLE_TAG = "emnist.role"  # study | trial | ensemble
 STUDY_TAG = "optuna.study"
 TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"
+WORKER_TAG = "worker"  # host, seed and process of the worker behind a study run
+MOVED_TAG = "emnist.moved_to"  # on `mlflow run`'s own run in Default: the run that replaced it
 PREDICTIONS = "predictions.npz"
 MODEL_NAME = "model"
+# The MLflow 3 UI opens an experiment in the view this tag names (its JS bundle reads
+# `mlflow.experimentKind`); without it an experiment may open on the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"  # the UI's "Machine learning" view
+DEFAULT_EXPERIMENT_ID = "0"  # "Default": where `mlflow run` puts its run when no experiment is named
 
 
 def git_commit() -> str:
@@ -55,15 +68,73 @@ def prepare_local_store() -> None:
         mlflow.MlflowClient().search_experiments(max_results=1)
 
 
+def study_experiment(name: str) -> str:
+    """The id of the experiment called `name`, created for the model-training view if it is new."""
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except MlflowException:  # another worker of the study created it a moment ago
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if found.lifecycle_stage == "deleted":
+        raise UserError(f"MLflow experiment {name!r} is deleted: restore it with `mlflow experiments restore "
+                        f"--experiment-id {found.experiment_id}`, or name another study or experiment.")
+    return found.experiment_id
+
+
+def chosen_experiment() -> str | None:
+    """The experiment the user named (MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID), or None."""
+    if name := os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        return study_experiment(name)
+    return os.environ.get("MLFLOW_EXPERIMENT_ID") or None
+
+
+def start_entry_run(*, run_name: str, tags: dict[str, str], experiment: str = "",
+                    experiment_id: str = "") -> mlflow.ActiveRun:
+    """An entry point's run: in the experiment the user named, else in `experiment` (a name) or `experiment_id`.
+
+    `mlflow run` creates its run before this code starts and passes it as MLFLOW_RUN_ID. In an
+    experiment the user named (--experiment-name/-id) that run is used as it is. In "Default",
+    where `mlflow run` falls back when none is named, it is replaced: a new run in our experiment
+    takes over its parameters and tags, and the original ends FINISHED and is deleted (tagged
+    with its replacement), so that `mlflow run`'s own end-of-run update finds it already done.
+    """
+    client = mlflow.MlflowClient()
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    outer = client.get_run(launched) if launched else None
+    if outer is not None:
+        chosen = None if outer.info.experiment_id == DEFAULT_EXPERIMENT_ID else outer.info.experiment_id
+    else:
+        chosen = chosen_experiment()
+    target = chosen or experiment_id or study_experiment(experiment)
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(target).tags:  # a user's experiment, or an older one
+        client.set_experiment_tag(target, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    mlflow.set_experiment(experiment_id=target)  # nested runs follow it, not MLFLOW_EXPERIMENT_ID
+    if outer is not None and chosen:
+        return mlflow.start_run(run_id=launched, run_name=run_name, tags=tags)
+    if outer is None:
+        return mlflow.start_run(run_name=run_name, tags=tags)
+    carried = {k: v for k, v in outer.data.tags.items() if k != "mlflow.runName"}
+    run = mlflow.start_run(run_name=run_name, tags={**carried, **tags})
+    mlflow.log_params(outer.data.params)
+    client.set_tag(launched, MOVED_TAG, run.info.run_id)
+    client.set_terminated(launched, "FINISHED")
+    client.delete_run(launched)
+    return run
+
+
 @contextlib.contextmanager
 def study_run(config: dict[str, Any], *, storage: str, sampler: str) -> Iterator[mlflow.ActiveRun]:
-    """The parent run: `mlflow run`'s own run (MLFLOW_RUN_ID) or a new one. `storage` is redacted."""
+    """The parent run `study-<name>` in the study's experiment (see start_entry_run). `storage` is redacted."""
     prepare_local_store()
-    name = None if os.environ.get("MLFLOW_RUN_ID") else f"study-{config['study']}"
-    run = mlflow.start_run(run_name=name)
+    worker = f"{socket.gethostname()} seed {config['seed']} pid {os.getpid()}"
+    tags = {ROLE_TAG: "study", STUDY_TAG: config["study"], WORKER_TAG: worker, "dataset": config["dataset"],
+            "optuna.sampler": sampler, "optuna.storage": storage, "git_commit": git_commit()}
+    run = start_entry_run(run_name=f"study-{config['study']}", tags=tags, experiment=config["study"])
     with _ending(run):
-        mlflow.set_tags({ROLE_TAG: "study", STUDY_TAG: config["study"], "dataset": config["dataset"],
-                         "optuna.sampler": sampler, "optuna.storage": storage, "git_commit": git_commit()})
         # `mlflow run` already logged the raw -P values under their own names: resolved ones get a prefix.
         mlflow.log_params({f"config.{k}": v for k, v in config.items()})
         mlflow.log_dict(config, "config.json")
@@ -119,6 +190,38 @@ def set_state(state: str) -> None:
     mlflow.set_tag(STATE_TAG, state)
 
 
+IMAGES_SCHEMA = Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28, 1), "image"),
+                        TensorSpec(np.dtype(np.int64), (-1,), "label")])
+
+
+class SplitDataset(MetaDataset):
+    """One split as an MLflow dataset: metadata only (the examples stay where they are), counts as its profile."""
+
+    def __init__(self, spec: str, record, num_classes: int):
+        self.record = record
+        self.num_classes = num_classes
+        super().__init__(LocalArtifactDatasetSource(record.location), name=spec, digest=record.digest,
+                         schema=IMAGES_SCHEMA)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return {"num_rows": self.record.count, "num_classes": self.num_classes, "slice": self.record.slice}
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+
+def split_datasets(spec: str, records: list, num_classes: int) -> dict[str, SplitDataset]:
+    """data.split_records as MLflow datasets, keyed by context (training, validation, test)."""
+    return {r.context: SplitDataset(spec, r, num_classes) for r in records}
+
+
+def log_datasets(datasets: dict[str, SplitDataset]) -> None:
+    """The active run's inputs: the UI's Dataset column, with each split's context."""
+    for context, dataset in datasets.items():
+        mlflow.log_input(dataset, context=context)
+
+
 def end_stale_trial_run(study: str, number: int, run_id: str | None = None) -> list[str]:
     """End a dead worker's trial run, and its study run if still RUNNING, as FAILED. Returns their ids.
 
@@ -166,18 +269,15 @@ def _pip_requirements() -> list[str]:
     return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"numpy=={np.__version__}"]
 
 
-def log_keras_model(model: keras.Model, classes: tuple[str, ...], example: np.ndarray) -> None:
-    """The model as an MLflow Keras model: raw-pixel input, signature, example, class list."""
+def log_keras_model(model: keras.Model, classes: tuple[str, ...], example: np.ndarray) -> str:
+    """The model as an MLflow LoggedModel (raw-pixel input, signature, class list); returns its model id."""
     example = example.astype(np.float32)
     signature = infer_signature(example, model.predict(example, verbose=0))
-    # save_model + log_artifacts: mlflow 3.17's keras log_model writes the input example before it
-    # creates the model folder, and fails whenever an example is given.
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / MODEL_NAME
-        path.mkdir()
-        mlflow.keras.save_model(model, str(path), signature=signature, input_example=example,
-                                pip_requirements=_pip_requirements(), metadata={"classes": "".join(classes)})
-        mlflow.log_artifacts(str(path), MODEL_NAME)
+    # No input_example: mlflow 3.17's keras log_model writes it before it creates the model folder
+    # and fails (mlflow#16183). The signature alone still makes a LoggedModel.
+    info = mlflow.keras.log_model(model, name=MODEL_NAME, signature=signature, pip_requirements=_pip_requirements(),
+                                  metadata={"classes": "".join(classes)})
+    return info.model_id
 
 
 def save_predictions(path: Path, classes: tuple[str, ...], **arrays: np.ndarray | None) -> None:
@@ -188,13 +288,18 @@ def save_predictions(path: Path, classes: tuple[str, ...], **arrays: np.ndarray 
 
 
 def log_trial_result(result, spec: TrialSpec, classes: tuple[str, ...], *, param_count: int,
+                     model_id: str | None = None, datasets: dict[str, SplitDataset] | None = None,
                      test_images: np.ndarray | None = None, wrong_index: np.ndarray | None = None) -> None:
-    """Final metrics, the model, compact predictions and the plots of one finished trial."""
-    metrics = {"val_accuracy": result.val_accuracy, "epochs_run": result.epochs_run,
-               "train_seconds": result.seconds, "param_count": param_count}
+    """Final metrics, compact predictions and the plots of one finished trial.
+
+    The accuracies are linked to the trial's LoggedModel and to the split they were measured on,
+    so `mlflow.search_logged_models(order_by=[{"field_name": "metrics.val_accuracy"}])` ranks the models.
+    """
+    datasets = datasets or {}
+    mlflow.log_metrics({"epochs_run": result.epochs_run, "train_seconds": result.seconds, "param_count": param_count})
+    mlflow.log_metrics({"val_accuracy": result.val_accuracy}, model_id=model_id, dataset=datasets.get("validation"))
     if result.test_accuracy is not None:
-        metrics["test_accuracy"] = result.test_accuracy
-    mlflow.log_metrics(metrics)
+        mlflow.log_metrics({"test_accuracy": result.test_accuracy}, model_id=model_id, dataset=datasets.get("test"))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / PREDICTIONS
         save_predictions(path, classes, val_probs=result.val_probs, val_labels=result.val_labels,
