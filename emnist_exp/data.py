@@ -171,7 +171,7 @@ def _record_blocks(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dat
     (tfds' file instructions, slices included) are parsed a block at a time instead: ~90k images/s.
     """
     features = builder.info.features
-    spec = {key: tf.io.FixedLenFeature(info.shape, info.dtype)
+    spec = {key: tf.io.FixedLenFeature(info.shape, info.tf_dtype)
             for key, info in features.get_serialized_info().items()}
     image_key, label_key = builder.info.supervised_keys
     shards = [tf.data.TFRecordDataset(part.filename).skip(part.skip).take(part.take)

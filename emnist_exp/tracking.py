@@ -20,7 +20,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
-from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from emnist_exp import plots
 from emnist_exp.errors import UserError
@@ -400,6 +400,8 @@ def model_classes(uri: str) -> tuple[str, ...] | None:
 
 
 ENSEMBLE_MODEL = "emnist-ensemble"
+ENSEMBLE_OUTPUTS = Schema([ColSpec("long", "image"), ColSpec("long", "rank"), ColSpec("long", "class_index"),
+                           ColSpec("string", "character"), ColSpec("double", "probability")])  # serving.ranked_frame
 
 
 def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, members: list[str],
@@ -409,16 +411,13 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
 
     Returns the run id and the registered version (None when not registered).
     """
-    from emnist_exp import serving  # noqa: PLC0415
-
     package = str(Path(__file__).resolve().parent)
     tags = {ROLE_TAG: "ensemble", "ensemble.strategy": strategy, "ensemble.members": ",".join(members)}
     if study:
         tags[STUDY_TAG] = study
     name = f"ensemble-{study or 'runs'} {strategy} x{len(members)}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
+    with start_entry_run(run_name=name, tags=tags, experiment_id=experiment_id) as run:
         mlflow.log_params({"strategy": strategy, "n_members": len(members), "members": ",".join(members)})
-        mlflow.log_metrics(metrics)
         mlflow.log_dict({"members": members, "weights": None if weights is None else weights.tolist(),
                          "strategy": strategy}, "ensemble.json")
         for path, text in tables.items():
@@ -431,16 +430,18 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
                                              "weights": None if weights is None else weights.tolist()}))
             artifacts = {"ensemble": str(spec_path)}
             artifacts.update({f"member_{i}": download_model(r) for i, r in enumerate(members)})
-            # Outputs only: an input schema would pin one dtype, and the model takes uint8 and float alike.
-            outputs = infer_signature(np.zeros((2, 28, 28)), serving.EnsembleModel.example_output(classes)).outputs
-            signature = ModelSignature(inputs=None, outputs=outputs)
+            # No input schema: it would pin one dtype, and the model takes uint8 and float alike.
+            params = ParamSchema([ParamSpec("top_k", "long", 1)])  # REST clients ask for a top-k this way
             info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME, python_model=serving.EnsembleModel(), artifacts=artifacts,
-                code_paths=[package], signature=signature, pip_requirements=_pip_requirements()
-                + [f"mlflow=={mlflow.__version__}", "pandas", "scipy"],
+                name=MODEL_NAME, python_model=str(Path(package) / "ensemble_model.py"), artifacts=artifacts,
+                code_paths=[package], signature=ModelSignature(inputs=None, outputs=ENSEMBLE_OUTPUTS, params=params),
+                input_example=np.zeros((2, 28, 28), np.uint8),
+                pip_requirements=_pip_requirements() + [f"mlflow=={mlflow.__version__}", "pandas", "scipy"],
                 metadata={"classes": "".join(classes)},
                 registered_model_name=ENSEMBLE_MODEL if register else None,
             )
+        # After the model, so that the ensemble's LoggedModel carries its accuracies.
+        mlflow.log_metrics(metrics, model_id=info.model_id)
         version = getattr(info, "registered_model_version", None)
         return run.info.run_id, None if version is None else str(version)
 
