@@ -211,13 +211,15 @@ def load_splits(spec: str, *, val_fraction: float = 0.1, max_examples: int = 0, 
         n_test = min(n_test, max_examples)
     counts = {"train": n_train, "val": n_val, "test": n_test}
     slices = split_slices(counts)
-    return Splits(
-        source=source,
-        train=read_split(source, slices["train"], shuffle_seed=seed),
-        val=read_split(source, slices["val"]),
-        test=read_split(source, slices["test"]) if has_test else None,
-        counts=counts,
-    )
+
+    def read(split: str, **options) -> tf.data.Dataset:
+        # Records read from files have no known length; told it, Keras ends each epoch on its last
+        # step instead of running into the end of the data and warning about it.
+        ds = read_split(source, slices[split], **options)
+        return ds.apply(tf.data.experimental.assert_cardinality(counts[split]))
+
+    return Splits(source=source, train=read("train", shuffle_seed=seed), val=read("val"),
+                  test=read("test") if has_test else None, counts=counts)
 
 
 def split_slices(counts: dict[str, int]) -> dict[str, str]:

@@ -6,11 +6,15 @@ import contextlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 import keras
 import mlflow
@@ -32,6 +36,7 @@ TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"
 WORKER_TAG = "worker"  # host, seed and process of the worker behind a study run
 MOVED_TAG = "emnist.moved_to"  # on `mlflow run`'s own run in Default: the run that replaced it
+HANDED_OVER_TAG = "emnist.handed_over_ms"  # ... and when (the end time it got then)
 PREDICTIONS = "predictions.npz"
 MODEL_NAME = "model"
 # The MLflow 3 UI opens an experiment in the view this tag names (its JS bundle reads
@@ -74,7 +79,8 @@ def study_experiment(name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            return client.create_experiment(name, artifact_location=beside_default(client, name),
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         except MlflowException:  # another worker of the study created it a moment ago
             found = client.get_experiment_by_name(name)
             if found is None:
@@ -83,6 +89,22 @@ def study_experiment(name: str) -> str:
         raise UserError(f"MLflow experiment {name!r} is deleted: restore it with `mlflow experiments restore "
                         f"--experiment-id {found.experiment_id}`, or name another study or experiment.")
     return found.experiment_id
+
+
+def beside_default(client: mlflow.MlflowClient, name: str) -> str | None:
+    """A local artifact folder next to Default's, or None to let the store or server decide.
+
+    A local store puts a new experiment's artifacts under the working directory, and `mlflow run`
+    runs the entry point in the project folder, not where the user (and Default's artifacts) are.
+    """
+    try:
+        location = client.get_experiment(DEFAULT_EXPERIMENT_ID).artifact_location
+    except MlflowException:
+        return None
+    if urlparse(location).scheme not in ("", "file"):
+        return None
+    folder = Path(urlparse(location).path).parent / re.sub(r"[^\w.-]", "_", name)
+    return folder.as_uri()
 
 
 def chosen_experiment() -> str | None:
@@ -99,10 +121,12 @@ def start_entry_run(*, run_name: str, tags: dict[str, str], experiment: str = ""
     `mlflow run` creates its run before this code starts and passes it as MLFLOW_RUN_ID. In an
     experiment the user named (--experiment-name/-id) that run is used as it is. In "Default",
     where `mlflow run` falls back when none is named, it is replaced: a new run in our experiment
-    takes over its parameters and tags, and the original ends FINISHED and is deleted (tagged
-    with its replacement), so that `mlflow run`'s own end-of-run update finds it already done.
+    takes over its parameters and tags, and the original ends FINISHED, tagged with its
+    replacement. `mlflow run` ends it once more when the command exits (and fails if it is
+    deleted by then), so the next entry point's tidy_default deletes it.
     """
     client = mlflow.MlflowClient()
+    tidy_default(client)
     launched = os.environ.pop("MLFLOW_RUN_ID", None)
     outer = client.get_run(launched) if launched else None
     if outer is not None:
@@ -120,10 +144,25 @@ def start_entry_run(*, run_name: str, tags: dict[str, str], experiment: str = ""
     carried = {k: v for k, v in outer.data.tags.items() if k != "mlflow.runName"}
     run = mlflow.start_run(run_name=run_name, tags={**carried, **tags})
     mlflow.log_params(outer.data.params)
+    handed_over = int(time.time() * 1000)
     client.set_tag(launched, MOVED_TAG, run.info.run_id)
-    client.set_terminated(launched, "FINISHED")
-    client.delete_run(launched)
+    client.set_tag(launched, HANDED_OVER_TAG, str(handed_over))
+    client.set_terminated(launched, "FINISHED", end_time=handed_over)
     return run
+
+
+def tidy_default(client: mlflow.MlflowClient) -> list[str]:
+    """Delete the runs start_entry_run replaced once their `mlflow run` has exited; returns their ids.
+
+    `mlflow run` ends its run when its command exits, which moves the end time past the hand-over.
+    """
+    where = f"tags.`{MOVED_TAG}` LIKE '%' and attributes.status = 'FINISHED'"
+    deleted = []
+    for run in client.search_runs([DEFAULT_EXPERIMENT_ID], filter_string=where, max_results=1000):
+        if (run.info.end_time or 0) > int(run.data.tags.get(HANDED_OVER_TAG, "0")):
+            client.delete_run(run.info.run_id)
+            deleted.append(run.info.run_id)
+    return deleted
 
 
 @contextlib.contextmanager
@@ -341,7 +380,10 @@ def log_study_summary(study: optuna.Study) -> None:
     log_figure(ovm.plot_optimization_history(study).figure, "plots/optimization_history.png")
     if len(complete) >= 2:
         try:
-            log_figure(ovm.plot_param_importances(study).figure, "plots/param_importances.png")
+            with warnings.catch_warnings():  # a study whose parameters barely matter has nothing to label
+                warnings.filterwarnings("ignore", message="No artists with labels found")
+                figure = ovm.plot_param_importances(study).figure
+            log_figure(figure, "plots/param_importances.png")
         except (ValueError, RuntimeError) as exc:  # e.g. every trial had the same parameters
             print(f"note: no parameter-importance plot ({exc})")
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from emnist_exp import data, model as models
 from emnist_exp.spec import TrialSpec
@@ -63,9 +62,6 @@ def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: i
         splits.train, num_classes=num_classes, batch_size=batch_size, seed=seed,
         shuffle_buffer=shuffle_buffer, augment=models.build_augmenter(spec, seed),
     )
-    # Records read from files have no known length: told it, Keras ends each epoch on its last step
-    # instead of running into the end of the data and warning about it.
-    train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps))
     val_ds = data.eval_pipeline(splits.val, batch_size=EVAL_BATCH, num_classes=num_classes)
     stop = keras.callbacks.EarlyStopping("val_accuracy", patience=patience, restore_best_weights=True)
     nan = keras.callbacks.TerminateOnNaN()

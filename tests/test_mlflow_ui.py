@@ -31,8 +31,8 @@ STUDY = "uiquick"
 WARNING_LINE = re.compile(r"(?i)warn|^[WE]\d{4} ")
 
 
-def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+def run(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -48,8 +48,8 @@ def demo(workdir) -> dict:
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     train = run([str(BIN / "mlflow"), "run", str(ROOT), "-e", "train", "--env-manager", "local",
                  "-P", "preset=quick", "-P", f"study={STUDY}", "-P", "dataset=synthetic:600", "-P", "n_trials=2",
-                 "-P", "epochs=1", "-P", "pruner=none", "-P", f"storage=sqlite:///{workdir / 'optuna.db'}"], env)
-    ensemble = run([sys.executable, "-m", "emnist_exp.ensemble", "--study", STUDY, "--top", "2"], env)
+                 "-P", "epochs=1", "-P", "pruner=none", "-P", f"storage=sqlite:///{workdir / 'optuna.db'}"], env, workdir)
+    ensemble = run([sys.executable, "-m", "emnist_exp.ensemble", "--study", STUDY, "--top", "2"], env, workdir)
     return {"train": train, "ensemble": ensemble}
 
 
@@ -67,12 +67,13 @@ def test_mlflow_run_puts_the_study_in_its_own_experiment_for_the_model_training_
     assert parent.data.tags[tracking.WORKER_TAG].startswith(f"{socket.gethostname()} seed 0 pid ")
     assert parent.data.tags["mlflow.project.entryPoint"] == "train"  # `mlflow run`'s tags came along
     assert parent.data.params["preset"] == "quick" and parent.data.params["config.epochs"] == "1"
-    # `mlflow run`'s own run in Default handed over to the parent and is gone from the UI.
+    # `mlflow run`'s own run in Default handed over to the parent; the ensemble's start deleted it.
     default = client.search_runs([tracking.DEFAULT_EXPERIMENT_ID], run_view_type=mlflow.entities.ViewType.ALL)
     replaced = [r for r in default if r.data.tags.get(tracking.MOVED_TAG) == parent.info.run_id]
     assert len(replaced) == 1 and replaced[0].info.lifecycle_stage == "deleted"
     assert replaced[0].info.status == "FINISHED"
-    assert client.search_runs([tracking.DEFAULT_EXPERIMENT_ID]) == []
+    assert replaced[0].info.end_time > int(replaced[0].data.tags[tracking.HANDED_OVER_TAG])  # `mlflow run` ended it
+    assert client.search_runs([tracking.DEFAULT_EXPERIMENT_ID], f"tags.`{tracking.MOVED_TAG}` LIKE '%'") == []
 
 
 def test_every_trial_run_has_its_three_splits_as_dataset_inputs(demo):
