@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({'re-inference' if args.reinfer else 'logged predictions'}); ensemble run {run_id}")
     if version:
         print(f"registered models:/{tracking.ENSEMBLE_MODEL}/{version}")
+    print(f"runs: {tracking.experiment_url(runs[0].info.experiment_id)} (`mlflow ui` for a local store)")
     return 0
 
 

@@ -107,6 +107,18 @@ def beside_default(client: mlflow.MlflowClient, name: str) -> str | None:
     return folder.as_uri()
 
 
+def experiment_url(experiment_id: str) -> str:
+    """Where the experiment's runs are in the UI, in its model-training view.
+
+    MLflow 3.17's UI opens experiments in the view of its GenAI / Model training switch (kept in
+    the browser, GenAI at first) and reads the experiment's kind tag only without that switch;
+    `workflowType` in the address sets the switch.
+    """
+    uri = mlflow.get_tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def chosen_experiment() -> str | None:
     """The experiment the user named (MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID), or None."""
     if name := os.environ.get("MLFLOW_EXPERIMENT_NAME"):

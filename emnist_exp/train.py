@@ -75,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dataset {cfg.dataset}: {len(splits.classes)} classes; {counts}", file=sys.stderr)
     logged = {**cfg.to_dict(), "storage": storage.redact(cfg.storage)}  # never a password in the run
     url = cfg.storage or storage.DEFAULT_STORAGE
-    with tracking.study_run(logged, storage=storage.redact(url), sampler=str(study.sampler)):
+    with tracking.study_run(logged, storage=storage.redact(url), sampler=str(study.sampler)) as run:
         try:
             study.optimize(Objective(cfg, splits), n_trials=cfg.n_trials, timeout=cfg.timeout or None,
                            callbacks=callbacks, gc_after_trial=True)
         finally:
             tracking.log_study_summary(study)
+    print(f"runs: {tracking.experiment_url(run.info.experiment_id)} (`mlflow ui` for a local store)", file=sys.stderr)
     return 0
 
 

@@ -142,6 +142,12 @@ def test_make_demo_commands_print_no_warning_lines(demo):
     err = demo["train"].stderr
     assert f"[{STUDY}] trial 2 of 2" in err and "dataset synthetic:600: 47 classes" in err
     assert "ensemble (soft)" in demo["ensemble"].stdout
+    # MLflow 3.17's UI follows its GenAI / Model training switch: the printed address sets it.
+    experiment = MlflowClient().get_experiment_by_name(STUDY).experiment_id
+    address = f"/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    assert address in err and address in demo["ensemble"].stdout
+    epochs = [line for line in demo["train"].stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and "Epoch 1/1" not in demo["train"].stdout  # one line per epoch
 
 
 def test_a_named_experiment_is_kept(workdir):
