@@ -171,7 +171,7 @@ def log_keras_model(model: keras.Model, classes: tuple[str, ...], example: np.nd
     example = example.astype(np.float32)
     signature = infer_signature(example, model.predict(example, verbose=0))
     # save_model + log_artifacts: mlflow 3.17's keras log_model writes the input example before it
-    # creates the model folder, and fails whenever an example is given.
+    # creates the model folder, and fails whenever an example is given (https://github.com/mlflow/mlflow/issues/16183).
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_NAME
         path.mkdir()
