@@ -10,8 +10,8 @@ import keras
 import numpy as np
 
 from emnist_exp import data, model as models
-from emnist_exp.voting import accuracy
 from emnist_exp.spec import TrialSpec
+from emnist_exp.voting import accuracy
 
 EVAL_BATCH = 512
 

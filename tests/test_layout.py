@@ -84,7 +84,7 @@ def test_benchmarks_import_no_entry_point():
     assert found == []
 
 
-def test_the_check_catches_each_kind_of_wrong_import(tmp_path):
+def test_the_check_catches_each_kind_of_wrong_import():
     """The rules fire on each wrong edge, and a module nobody classified counts as core."""
     edges = {
         "emnist_exp.voting": {"emnist_exp.tracking"},  # core -> service
