@@ -85,6 +85,7 @@ def test_training_pipeline_batches_floats_one_hot_and_augments(tmp_path):
     assert xa.shape == xp.shape and not np.allclose(xa.numpy(), xp.numpy())
 
 
+@pytest.mark.slow  # every batch of an epoch through the elastic transform: the fast tier's largest cost
 def test_augmentation_keeps_every_image_with_its_own_label(workdir):
     """Each augmented image must still be the image its label belongs to, batch after batch.
 
