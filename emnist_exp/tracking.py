@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-from emnist_exp import plots
+from emnist_exp import plots, serving
 from emnist_exp.errors import UserError
 from emnist_exp.spec import TrialSpec
 
@@ -327,7 +327,7 @@ def log_keras_model(model: keras.Model, classes: tuple[str, ...], example: np.nd
     # No input_example: mlflow 3.17's keras log_model writes it before it creates the model folder
     # and fails (mlflow#16183). The signature alone still makes a LoggedModel.
     info = mlflow.keras.log_model(model, name=MODEL_NAME, signature=signature, pip_requirements=_pip_requirements(),
-                                  metadata={"classes": "".join(classes)})
+                                  metadata=serving.classes_metadata(classes))
     return info.model_id
 
 
@@ -437,20 +437,13 @@ def load_predictions(run_id: str) -> dict[str, np.ndarray] | None:
         return {k: npz[k] for k in npz.files}
 
 
-def load_keras_model(run_id: str) -> keras.Model:
-    return mlflow.keras.load_model(f"runs:/{run_id}/{MODEL_NAME}")
-
-
 def download_model(run_id: str) -> str:
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_NAME)
 
 
-def model_classes(uri: str) -> tuple[str, ...] | None:
-    """The class list a logged model carries in its metadata."""
-    from mlflow.models import get_model_info  # noqa: PLC0415
-
-    metadata = get_model_info(uri).metadata or {}
-    return tuple(metadata["classes"]) if "classes" in metadata else None
+def model_uri(run_id: str) -> str:
+    """The URI of a trial run's logged model, for serving.load_model."""
+    return f"runs:/{run_id}/{MODEL_NAME}"
 
 
 ENSEMBLE_MODEL = "emnist-ensemble"
@@ -491,7 +484,7 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
                 code_paths=[package], signature=ModelSignature(inputs=None, outputs=ENSEMBLE_OUTPUTS, params=params),
                 input_example=np.zeros((2, 28, 28), np.uint8),
                 pip_requirements=_pip_requirements() + [f"mlflow=={mlflow.__version__}", "pandas", "scipy"],
-                metadata={"classes": "".join(classes)},
+                metadata=serving.classes_metadata(classes),
                 registered_model_name=ENSEMBLE_MODEL if register else None,
             )
         # After the model, so that the ensemble's LoggedModel carries its accuracies.

@@ -41,6 +41,10 @@ def warning_lines(*outputs: subprocess.CompletedProcess) -> list[str]:
     return [line for out in outputs for line in (out.stdout + out.stderr).splitlines() if WARNING_LINE.search(line)]
 
 
+# Each test here trains through `mlflow run`, starts a server or imports TensorFlow in a subprocess.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def demo(workdir) -> dict:
     """`make demo`'s two commands, shrunk (2 trials of 1 epoch), with no experiment named anywhere."""
@@ -217,3 +221,16 @@ def test_optuna_dashboard_reads_a_study_back_over_http(backend, tmp_path):
         server.wait(timeout=30)
         log.close()
         optuna.delete_study(study_name=name, storage=storage)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_tensorflow_load_lines_are_filtered_unless_verbose(verbose):
+    """TensorFlow's C++ start-up lines (absl, before logging is set up) ignore every log level."""
+    code = (f"from emnist_exp import console; console.quiet(verbose={verbose}); import tensorflow as tf; "
+            "console.loaded(); import sys; print('after', file=sys.stderr)")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    noise = [line for line in out.stderr.splitlines() if "absl::InitializeLog" in line or "port.cc" in line]
+    assert bool(noise) == verbose, out.stderr
+    assert out.stderr.rstrip().endswith("after")  # standard error flows again once TensorFlow is loaded
