@@ -100,3 +100,21 @@ def test_rest_predictions_match_the_in_process_model(server, tiny_ensemble):
         assert got["class_index"] == want["class_index"]
         assert got["character"] == want["character"]
         assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)
+
+
+def test_rest_clients_ask_for_the_top_k_through_params(server, tiny_ensemble):
+    import mlflow
+
+    images = characters()
+    body = json.dumps({"inputs": images.tolist(), "params": {"top_k": 3}}).encode()
+    request = urllib.request.Request(f"{server}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as response:
+        served = json.loads(response.read())["predictions"]
+    expected = mlflow.pyfunc.load_model(f"models:/emnist-ensemble/{tiny_ensemble}").predict(
+        images, params={"top_k": 3})
+    assert [(r["image"], r["rank"]) for r in served] == [(i, k) for i in range(len(images)) for k in (1, 2, 3)]
+    assert [r["class_index"] for r in served] == list(expected["class_index"])
+    for image in range(len(images)):
+        probabilities = [r["probability"] for r in served if r["image"] == image]
+        assert probabilities == sorted(probabilities, reverse=True)
