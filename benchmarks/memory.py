@@ -153,14 +153,22 @@ def training_rate(steps: int) -> float:
 
 
 def measure(folders: list[tuple[str, str]], work: str) -> list[dict]:
+    """One row per folder; with --keep, a row measured before (row-*.json in the work folder) is reused."""
     results = []
     for label, folder in folders:
+        saved = os.path.join(work, f"row-{os.path.basename(folder)}.json")
+        if os.path.exists(saved):
+            with open(saved) as file:
+                results.append(json.load(file))
+            continue
         data_dir = os.path.join(work, "tfds-" + os.path.basename(folder))
         spec = f"idx:{folder}"
         row = {"label": label, "prepare": json.loads(child(PREPARE, spec, data_dir=data_dir))}
         row["open"] = json.loads(child(PREPARE, spec, data_dir=data_dir))
         row["epoch"] = json.loads(child(EPOCH, spec, data_dir=data_dir))
         print(f"measured {label}: {json.dumps(row)}", file=sys.stderr, flush=True)
+        with open(saved, "w") as file:
+            json.dump(row, file)
         results.append(row)
     return results
 
@@ -201,13 +209,17 @@ def main() -> None:
     parser.add_argument("--sample", default=SAMPLE, help=f"official-layout folder to build from (default: {SAMPLE})")
     parser.add_argument("--smoke", action="store_true", help="tiny folders: a check that the script runs")
     parser.add_argument("--synthetic", action="store_true", help="also measure synthetic:700000 (a second row)")
-    parser.add_argument("--keep", help="build the folders here and keep them (default: a temporary folder)")
+    parser.add_argument("--keep", help="build the folders here and keep them, with each measured row "
+                        "(default: a temporary folder)")
+    parser.add_argument("--only", type=int, nargs="+", help="measure only these sets (0 = the smallest)")
     args = parser.parse_args()
     sample = os.path.abspath(args.sample)
     if args.smoke:  # (label, first images or 0 for all, times)
         sets = [("300 images", 300, 1), ("the whole source", 0, 1), ("the source x3", 0, 3)]
     else:
         sets = [("10k of the sample", 10_000, 1), ("the whole sample", 0, 1), ("the sample's train x8", 0, 8)]
+    if args.only:  # e.g. the largest set in one process while another measures the rest
+        sets = [sets[i] for i in args.only]
     work = args.keep or tempfile.mkdtemp(prefix="emnist-memory-")
     try:
         steps = 3 if args.smoke else 60
@@ -228,7 +240,8 @@ def main() -> None:
             synthetic = json.loads(child(EPOCH, "synthetic:700000", data_dir=data_dir))
         rates = (rate_before, training_rate(steps))
         print_tables(results, rates, synthetic)
-        print_validator(folders[0][1], work)
+        if not args.only:
+            print_validator(folders[0][1], work)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

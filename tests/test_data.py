@@ -141,6 +141,35 @@ def test_tfds_emnist_through_mock_data(tmp_path):
         assert x.shape == (16, 28, 28, 1) and y.shape == (16, 47)
 
 
+def test_tfds_emnist_reads_decoded_blocks_in_tfds_order_with_slices(tmp_path):
+    """read_split's raw-byte copy of tfds `emnist` gives what as_dataset gives, made upright, slices included."""
+    builder = tfds.builder("emnist/bymerge", data_dir=str(tmp_path))
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name="train", shard_lengths=[2 * data.BLOCK + 100], num_bytes=0),
+        tfds.core.SplitInfo(name="test", shard_lengths=[30], num_bytes=0),
+    ]))
+    builder.data_path.mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_path)
+    with tfds.testing.mock_data(num_examples=2 * data.BLOCK + 100, policy=tfds.testing.MockPolicy.USE_FILES,
+                                data_dir=str(tmp_path)):
+        source = data.open_source("emnist/bymerge", str(tmp_path))
+        stored = list(source.builder.as_dataset(split="train", as_supervised=True).as_numpy_iterator())
+        whole = arrays(data.read_split(source, "train"))
+        cases = {"train[1000:2100]": (1000, 2100), "train[-5:]": (len(stored) - 5, len(stored))}
+        sliced = {split: arrays(data.read_split(source, split)) for split in cases}
+        empty = list(data.read_split(source, "train[7:7]").as_numpy_iterator())
+
+    expected_images = np.stack([image.transpose(1, 0, 2) for image, _ in stored])  # upright
+    expected_labels = np.array([label for _, label in stored])
+    np.testing.assert_array_equal(whole[0], expected_images)
+    np.testing.assert_array_equal(whole[1], expected_labels)
+    for split, (start, stop) in cases.items():
+        np.testing.assert_array_equal(sliced[split][0], expected_images[start:stop])
+        np.testing.assert_array_equal(sliced[split][1], expected_labels[start:stop])
+    assert empty == []
+    assert (builder.data_path / f"raw-blocks-{data.BLOCK}" / "train").is_dir()  # decoded once, kept
+
+
 def test_tfds_emnist_offline_says_how_to_get_the_data(tmp_path):
     with pytest.raises(UserError, match="TFDS_DATA_DIR.*idx:<folder>"):
         data.open_source("emnist/bymerge", str(tmp_path))
