@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import zipfile
 
@@ -29,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SAMPLE = "../shared/data/emnist-bymerge-sample"
 HERE = os.path.dirname(os.path.abspath(__file__))
 COUNTS = {"train": 697_932, "test": 116_323}  # tfds EMNISTConfig("bymerge") reads exactly these
+MOCK_EXAMPLES = 4000  # per split, in the smoke version: a few blocks
 
 
 def build_archive(sample: str, path: str) -> None:
@@ -83,12 +85,26 @@ def prepare_offline(sample: str, data_dir: str) -> float:
     return time.perf_counter() - started
 
 
+def mock_prepared(data_dir: str, examples: int) -> None:
+    """The metadata files of a prepared emnist/bymerge of `examples` per split: what mock_data reads (USE_FILES)."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("emnist/bymerge", data_dir=data_dir)
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=split, shard_lengths=[examples], num_bytes=0) for split in COUNTS
+    ]))
+    builder.data_path.mkdir(parents=True, exist_ok=True)
+    builder.info.write_to_directory(builder.data_path)
+
+
 def tfds_rate(builder, batches: int, batch_size: int) -> float:
     """tfds' own read path as data.py used it: as_dataset, then upright per block, through the training pipeline."""
     from emnist_exp import data
 
+    import tensorflow_datasets as tfds
+
     examples = builder.as_dataset(split="train", shuffle_files=True, as_supervised=True,
-                                  read_config=__import__("tensorflow_datasets").ReadConfig(shuffle_seed=0))
+                                  read_config=tfds.ReadConfig(shuffle_seed=0))
     ds = examples.batch(data.BLOCK).map(data._upright, num_parallel_calls=data.AUTOTUNE).unbatch()
     return rate(ds, batches, batch_size)
 
@@ -142,7 +158,10 @@ def main() -> None:
     if args.smoke:
         import tensorflow_datasets as tfds
 
-        with tfds.testing.mock_data(num_examples=3000, data_dir=data_dir):
+        data_dir = args.data_dir or tempfile.mkdtemp(prefix="emnist-tfds-mock-")
+        mock_prepared(data_dir, MOCK_EXAMPLES)
+        with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_FILES,
+                                    data_dir=data_dir):
             r = measure(data_dir, batches, steps)
         where, prepared = "tfds.testing.mock_data (random images, a stand-in)", "mock"
     else:

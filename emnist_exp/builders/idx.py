@@ -270,21 +270,22 @@ class IdxStream:
 
     def blocks(self, items: int = BLOCK_ITEMS) -> Iterator[np.ndarray]:
         """(k, 28, 28) images as stored, or (k,) labels, k <= items; the length is checked at the end."""
-        held = 0
+        held, longer = 0, f"{self.file} is longer than its header says: {self.count} {self.kind}, then more bytes."
         while True:
             data = self._take(items * self.item_size)
             whole = len(data) // self.item_size
             if held + whole > self.count:
-                raise UserError(f"{self.file} is longer than its header says: {self.count} {self.kind}, then more bytes.")
+                raise UserError(longer)
             if whole:
                 yield np.frombuffer(data, np.uint8, count=whole * self.item_size).reshape((whole, *self.shape))
             held += whole
             if len(data) < items * self.item_size:  # the stream has ended
                 break
         if held < self.count:
-            raise UserError(f"{self.file} is truncated: header says {self.count} {self.kind} but the file holds {held}.")
+            held_text = f"header says {self.count} {self.kind} but the file holds {held}"
+            raise UserError(f"{self.file} is truncated: {held_text}.")
         if len(data) % self.item_size:
-            raise UserError(f"{self.file} is longer than its header says: {self.count} {self.kind}, then more bytes.")
+            raise UserError(longer)
 
     def _take(self, size: int) -> bytes:
         """The next `size` decompressed bytes, fewer only at the end of the stream."""
