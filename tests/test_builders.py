@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from idxfiles import random_split, write_idx_folder, write_images, write_labels
+from tensorflow_datasets.core import shuffle
 
 from emnist_exp.builders import idx
 from emnist_exp.builders.idx import BLOCK_ITEMS, EmnistIdx, idx_builder
@@ -257,6 +258,19 @@ def test_idx_streams_files_of_many_blocks(tmp_path):
     images, read_labels = read_split(builder, "train")
     np.testing.assert_array_equal(images, upright.transpose(0, 2, 1))
     np.testing.assert_array_equal(read_labels, labels)
+
+
+def test_idx_preparation_spilled_to_disk_keeps_the_files_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(idx, "SPILL_AT", 20_000)  # bytes: tfds' writer spills after ~25 of 600 examples
+    upright, labels = random_split(600, seed=13)
+    folder = write_idx_folder(tmp_path / "emnist", splits={"train": (upright, labels)})
+
+    builder = idx_builder(str(folder), data_dir=str(tmp_path / "tfds"))
+
+    images, read_labels = read_split(builder, "train")
+    np.testing.assert_array_equal(images, upright.transpose(0, 2, 1))
+    np.testing.assert_array_equal(read_labels, labels)
+    assert shuffle.MAX_MEM_BUFFER_SIZE == 1000 << 20  # tfds' own limit again once prepared
 
 
 def test_idx_prepared_folder_opens_without_inflating_a_file(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -13,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle
 
 from emnist_exp.errors import UserError
 
@@ -22,12 +24,15 @@ IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension
 SIDE = 28
 IMAGE_NOTE = "Images are raw uint8 bytes instead of PNG: about twice as fast to stream, no decoding."
+SPILL_NOTE = "Examples spill to disk while preparing (same records, in order): flat RAM at 700k."
 MAX_LABEL = 10_000
 BLOCK_ITEMS = 4096  # images per block streamed from a file: 3 MB
 READ_SIZE = 1 << 20  # compressed bytes read at a time
 INFLATE_SIZE = 8 << 20  # at most this many decompressed bytes per zlib call
 KEY_SPAN = 1 << 16  # bytes of each end of an images file that the folder key reads
 GZIP_MAGIC = b"\x1f\x8b"
+SPILL_AT = 64 << 20  # bytes of serialized examples tfds' writer holds in RAM before it spills to disk
+SPILL_BUCKETS = 64  # of tfds' 1000 shuffle buckets: ~9 MB each at 700k, 64 files open at once
 
 # File names of the `gzip/` folder of EMNIST's gzip.zip
 IDX_FILE = re.compile(
@@ -65,8 +70,8 @@ class EmnistIdxConfig(tfds.core.BuilderConfig):
 class EmnistIdx(tfds.core.GeneratorBasedBuilder):
     """EMNIST read from a local folder of official gzip IDX files, one split per file pair."""
 
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": IMAGE_NOTE}
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": IMAGE_NOTE, "1.2.0": SPILL_NOTE}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -96,10 +101,15 @@ class EmnistIdx(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, images_path: str, labels_path: str) -> Iterator[tuple[int, dict]]:
         labels = read_labels(labels_path)
+        images = IdxStream(images_path, "images")
+        # Keys in file order, spread over the first SPILL_BUCKETS of tfds' shuffle buckets (by key
+        # range, see tfds.core.shuffle.get_bucket_number), so that spilled examples read back a
+        # bucket at a time, still in order.
+        stride = (2**shuffle.HKEY_SIZE * SPILL_BUCKETS // shuffle.BUCKETS_NUMBER) // max(images.count, 1)
         index = 0
-        for block in IdxStream(images_path, "images").blocks():  # a block at a time: RAM stays flat
+        for block in images.blocks():  # a block at a time: RAM stays flat
             for image in block:
-                yield index, {"image": image[..., None], "label": int(labels[index])}
+                yield index * stride, {"image": image[..., None], "label": int(labels[index])}
                 index += 1
 
 
@@ -121,8 +131,25 @@ def idx_builder(folder: str, data_dir: str | None = None) -> tfds.core.DatasetBu
         for images_path, labels_path in splits.values():
             check_pair(images_path, labels_path, mapping_path, mapping)
     builder = EmnistIdx(config=config, data_dir=data_dir)
-    builder.download_and_prepare()
+    with spill_early():
+        builder.download_and_prepare()
     return builder
+
+
+@contextlib.contextmanager
+def spill_early():
+    """Make tfds' writer spill a split's examples to disk after SPILL_AT bytes, not 1 GB.
+
+    The writer holds serialized examples in RAM up to shuffle.MAX_MEM_BUFFER_SIZE (1 GB in tfds
+    4.9) before it writes them to its buckets; at 700k that is 560 MB of records plus Python's
+    overhead on each, which took preparing past 1.4 GB while opening needs 0.8 GB.
+    """
+    limit = shuffle.MAX_MEM_BUFFER_SIZE
+    shuffle.MAX_MEM_BUFFER_SIZE = min(limit, SPILL_AT)
+    try:
+        yield
+    finally:
+        shuffle.MAX_MEM_BUFFER_SIZE = limit
 
 
 def _prepared(config: EmnistIdxConfig, data_dir: str | None) -> bool:
