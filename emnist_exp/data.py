@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -192,17 +193,31 @@ def _decoded_blocks(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Da
 
 
 def _raw_copy(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
-    """The whole split as saved blocks (image, label), written on first use under the prepared folder."""
-    path = os.path.join(os.fspath(builder.data_dir), f"raw-blocks-{BLOCK}", split)
-    if not os.path.isdir(path):
-        examples = builder.as_dataset(split=split, shuffle_files=False, as_supervised=True)
-        blocks = examples.batch(BLOCK, num_parallel_calls=AUTOTUNE, deterministic=True)
-        partial = f"{path}.partial-{os.getpid()}-{socket.gethostname()}"  # workers that race each write their own
+    """The whole split as saved blocks (image, label), written on first use under the prepared folder.
+
+    A prepared folder that is read-only (shared, prepared elsewhere) gets no copy: its blocks are
+    then decoded on every read, at tfds' own rate.
+    """
+    root = os.path.join(os.fspath(builder.data_dir), f"raw-blocks-{BLOCK}")
+    path = os.path.join(root, split)
+    if os.path.isdir(path):
+        return tf.data.Dataset.load(path)
+    examples = builder.as_dataset(split=split, shuffle_files=False, as_supervised=True)
+    blocks = examples.batch(BLOCK, num_parallel_calls=AUTOTUNE, deterministic=True)
+    partial = f"{path}.partial-{os.getpid()}-{socket.gethostname()}"  # workers that race each write their own
+    try:
+        os.makedirs(root, exist_ok=True)
         blocks.save(partial, shard_func=lambda *_: tf.constant(0, tf.int64))  # one shard keeps the order
-        try:
-            os.rename(partial, path)
-        except OSError:  # another worker's copy is already in place: the same records, keep it
+    except (OSError, tf.errors.OpError) as exc:
+        if tf.io.gfile.exists(partial):
             tf.io.gfile.rmtree(partial)
+        logging.getLogger(__name__).warning("cannot keep decoded blocks in %s (%s): decoding on every read",
+                                            root, str(exc).splitlines()[0])
+        return blocks
+    try:
+        os.rename(partial, path)
+    except OSError:  # another worker's copy is already in place: the same records, keep it
+        tf.io.gfile.rmtree(partial)
     return tf.data.Dataset.load(path)
 
 
