@@ -301,6 +301,7 @@ def test_idx_key_changes_when_one_image_inside_changes(tmp_path):
     np.testing.assert_array_equal(read_split(after, "train")[0], changed.transpose(0, 2, 1))
 
 
+@pytest.mark.slow
 def test_idx_reads_the_real_sample(tmp_path):
     folder = os.environ.get("EMNIST_SAMPLE_DIR")
     if not folder:
@@ -369,6 +370,7 @@ def test_synthetic_glyphs_are_upright(tmp_path):
     assert np.mean(quarters["left"]) > 1.2 * np.mean(quarters["right"])
 
 
+@pytest.mark.slow
 def test_synthetic_is_learnable(tmp_path):
     import keras  # here, so that collecting the other tests does not pay for it
     builder = synthetic_builder(3000, data_dir=str(tmp_path / "tfds"))
