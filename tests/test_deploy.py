@@ -43,7 +43,7 @@ def test_kubernetes_job_runs_the_train_worker_in_parallel_against_postgres_and_t
     pod = job["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 30
     (container,) = pod["containers"]
-    assert container["command"] == TRAIN
+    assert container["command"] == dockerfile_entrypoint() and container["command"][-3:] == TRAIN
     env = {item["name"]: item.get("value", "0") for item in container["env"]}  # fieldRef index: 0
     args = [expand(arg, env) for arg in container["args"]]
 
@@ -99,10 +99,16 @@ def test_slurm_array_script_runs_the_train_worker(tmp_path):
     assert cfg.storage.startswith("postgresql://") and cfg.total_trials > 0
 
 
+def dockerfile_entrypoint() -> list[str]:
+    entry = re.search(r"^ENTRYPOINT (\[.*\])$", (DEPLOY / "Dockerfile").read_text(), flags=re.M)
+    assert entry, "the Dockerfile has no exec-form ENTRYPOINT"
+    return json.loads(entry[1])
+
+
 def test_dockerfile_runs_the_train_worker_and_copies_files_that_exist():
     text = (DEPLOY / "Dockerfile").read_text()
-    entry = re.search(r"^ENTRYPOINT (\[.*\])$", text, flags=re.M)
-    assert entry and json.loads(entry[1]) == TRAIN  # exec form: the worker is PID 1 and gets SIGTERM
+    # an init as PID 1 (it forwards SIGTERM), then the worker in exec form
+    assert dockerfile_entrypoint() == ["tini", "--", *TRAIN] and re.search(r"apt-get install .*\btini\b", text)
     for line in re.findall(r"^COPY (.+)$", text, flags=re.M):
         *sources, _ = shlex.split(line)
         assert sources and all((ROOT / source).exists() for source in sources), line
