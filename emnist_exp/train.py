@@ -50,14 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
-    return vars(build_parser().parse_args(argv))
+    """The Config overrides the flags give; --verbose is a console setting, not one of them."""
+    args = vars(build_parser().parse_args(argv))
+    args.pop("verbose")
+    return args
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     from emnist_exp.config import resolve  # noqa: PLC0415 (keep --help free of TensorFlow)
 
-    args = parse_args(argv)
+    args = vars(build_parser().parse_args(argv))
     console.quiet(verbose=bool(args.pop("verbose")))
     cfg = resolve(args)
     from emnist_exp import data, storage, study as studies, tracking  # noqa: PLC0415
