@@ -124,22 +124,18 @@ def test_synthetic_source_is_upright_and_unchanged_by_the_pipeline(workdir):
 
 
 def test_tfds_emnist_through_mock_data(tmp_path):
-    # tfds's own emnist builder, offline: its true split sizes are written as metadata files, as
-    # tfds.testing.mock_data recommends, and mock_data stands in for the download.
-    builder = tfds.builder("emnist/bymerge", data_dir=str(tmp_path))
-    builder.info.set_splits(tfds.core.SplitDict([
-        tfds.core.SplitInfo(name="train", shard_lengths=[697_932], num_bytes=0),
-        tfds.core.SplitInfo(name="test", shard_lengths=[116_323], num_bytes=0),
-    ]))
-    builder.data_path.mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_path)
-    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
+    # tfds's own emnist builder, offline: its split sizes are written as metadata files, as
+    # tfds.testing.mock_data recommends, and mock_data stands in for the download. The sizes match
+    # what mock_data yields, because load_splits tells tf.data each split's length.
+    mock_emnist(tmp_path, 2000, 1000)
+    with tfds.testing.mock_data(num_examples=2000, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
         splits = data.load_splits("emnist/bymerge", max_examples=1000, data_dir=str(tmp_path))
         assert splits.source.transposed and splits.classes == BYMERGE_CLASSES
         assert splits.counts == {"train": 900, "val": 100, "test": 1000}
         x, y = next(iter(data.training_pipeline(splits.train, num_classes=47, batch_size=16, seed=0,
                                                 shuffle_buffer=64)))
         assert x.shape == (16, 28, 28, 1) and y.shape == (16, 47)
+        assert sum(1 for _ in splits.val) == 100 and sum(1 for _ in splits.test) == 1000
 
 
 def mock_emnist(data_dir, n_train: int, n_test: int):
