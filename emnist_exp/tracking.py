@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -92,7 +93,7 @@ def trial_run_name(number: int, spec: TrialSpec) -> str:
 def trial_run(study: str, number: int, spec: TrialSpec, seed: int, extra_params: dict[str, Any]
               ) -> Iterator[mlflow.ActiveRun]:
     """A nested child run for one trial. Its end status follows how the trial ended."""
-    tags = {ROLE_TAG: "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING",
+    tags = {ROLE_TAG: "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING", "arch": spec.arch,
             "aug": "on" if spec.augment else "off", "bn": "on" if spec.batch_norm else "off"}
     run = mlflow.start_run(run_name=trial_run_name(number, spec), nested=True, tags=tags)
     status = "FAILED"
@@ -149,13 +150,17 @@ def end_stale_trial_run(study: str, number: int, run_id: str | None = None) -> l
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Per-epoch train/validation loss and accuracy (and the learning rate) as step metrics.
+    """Per-epoch train/validation loss and accuracy, the learning rate and the epoch's seconds as step metrics.
 
     They are named epoch_<keras name>; the plain names hold each trial's final values.
     """
 
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         metrics = {f"epoch_{k}": float(v) for k, v in (logs or {}).items() if np.isfinite(float(v))}
+        metrics["epoch_seconds"] = time.perf_counter() - self.started  # training and validation
         mlflow.log_metrics(metrics, step=epoch)
 
 
@@ -191,7 +196,8 @@ def log_trial_result(result, spec: TrialSpec, classes: tuple[str, ...], *, param
                      test_images: np.ndarray | None = None, wrong_index: np.ndarray | None = None) -> None:
     """Final metrics, the model, compact predictions and the plots of one finished trial."""
     metrics = {"val_accuracy": result.val_accuracy, "epochs_run": result.epochs_run,
-               "train_seconds": result.seconds, "param_count": param_count}
+               "train_seconds": result.seconds, "seconds_per_epoch": result.seconds / max(1, result.epochs_run),
+               "param_count": param_count}
     if result.test_accuracy is not None:
         metrics["test_accuracy"] = result.test_accuracy
     mlflow.log_metrics(metrics)
