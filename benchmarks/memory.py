@@ -25,7 +25,7 @@ SAMPLE = "idx:../shared/data/emnist-bymerge-sample"
 CHILD = """
 import json, resource, sys, time
 from emnist_exp import data, trainer
-from emnist_exp.search import TrialSpec
+from emnist_exp.spec import TrialSpec
 dataset, cap = sys.argv[1], int(sys.argv[2])
 splits = data.load_splits(dataset, max_examples=cap)
 spec = TrialSpec(augment=True, rotation=8, shift=0.06, zoom=0.06, elastic=0.2, schedule="onecycle",

@@ -32,7 +32,7 @@ import keras  # noqa: E402
 from pipeline import SAMPLE, training_rate  # noqa: E402
 
 from emnist_exp import data, trainer  # noqa: E402
-from emnist_exp.search import TrialSpec  # noqa: E402
+from emnist_exp.spec import TrialSpec  # noqa: E402
 
 SEED_RECIPE = TrialSpec()
 # The best single recipe measured on the sample: the small ResNet, one-cycle at batch 64, light

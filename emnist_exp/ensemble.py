@@ -108,6 +108,9 @@ def matrix_csv(matrix: np.ndarray, names: list[str]) -> str:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from emnist_exp import console  # noqa: PLC0415
+
+    console.quiet()
     from emnist_exp import plots, tracking, voting  # noqa: PLC0415
 
     study, runs = select_members(args)

@@ -61,6 +61,9 @@ def predict(model, images: np.ndarray):
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from emnist_exp import console  # noqa: PLC0415
+
+    console.quiet()
     from emnist_exp import data, tracking  # noqa: PLC0415
 
     source = data.open_source(args.dataset, args.data_dir)

@@ -7,7 +7,7 @@ from typing import Callable
 import keras
 from keras import layers
 
-from emnist_exp.search import TrialSpec
+from emnist_exp.spec import TrialSpec
 
 IMAGE_SHAPE = (28, 28, 1)
 SEED_DECAY = 0.95  # the seed recipe: lr * 0.95^epoch

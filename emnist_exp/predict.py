@@ -128,6 +128,9 @@ def line(path: str, top: list[tuple[str, float]], width: int) -> str:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from emnist_exp import console  # noqa: PLC0415
+
+    console.quiet()
     images, failed = prepare(args.images)
     if images and args.save_preprocessed:
         save_preprocessed(images, args.save_preprocessed)

@@ -2,49 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+import sys
 from typing import Any, Callable
 
 import optuna
 
-
-@dataclass(frozen=True, kw_only=True)
-class TrialSpec:
-    """One member and how to train it. Defaults are the seed (Kaggle) recipe."""
-
-    # architecture: cnn (the seed CNN), resnet or vgg5 (emnist_exp.model.ARCHITECTURES), each with
-    # stages of 1x, 2x and 4x `width` filters
-    arch: str = "cnn"
-    width: int = 32
-    dropout: float = 0.4
-    batch_norm: bool = True
-    # augmentation (training only; never flips: they turn characters into other characters)
-    augment: bool = False
-    rotation: float = 0.0  # degrees, both ways
-    shift: float = 0.0  # fraction of the image, both axes
-    zoom: float = 0.0  # fraction, in and out
-    elastic: float = 0.0  # keras RandomElasticTransform scale; 0 = off
-    # optimisation
-    learning_rate: float = 1e-3
-    schedule: str = "exp"  # exp: lr*0.95^epoch (the seed); cosine; onecycle
-    batch_size: int = 32
-    label_smoothing: float = 0.0
-
-    def params(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def short_name(self) -> str:
-        """What a run list should show at a glance."""
-        on = lambda flag: "on" if flag else "off"  # noqa: E731
-        return f"{self.arch}-{self.width} aug={on(self.augment)} bn={on(self.batch_norm)} drop={self.dropout:.2f}"
+from emnist_exp.spec import TrialSpec
 
 
 # Each architecture's width knob (its first stage's filters), searched under its own name
 # (cnn_width, resnet_width, vgg5_width): Optuna keeps one set of choices per parameter name.
 WIDTHS = {"cnn": [16, 32, 48], "resnet": [16, 24, 32], "vgg5": [16, 32, 48]}
-
-
 TUNED_WIDTHS = {"cnn": [32, 48], "resnet": [24, 32], "vgg5": [32]}
 
 
@@ -79,8 +47,8 @@ def full_space(trial: optuna.Trial) -> TrialSpec:
     )
 
 
-def seed_space(trial: optuna.Trial) -> TrialSpec:
-    """The seed recipe with nothing searched: a baseline, and members that differ only by seed."""
+def kaggle_space(trial: optuna.Trial) -> TrialSpec:
+    """The Kaggle recipe with nothing searched: a baseline, and members that differ only by random seed."""
     return TrialSpec()
 
 
@@ -112,13 +80,25 @@ def tuned_space(trial: optuna.Trial) -> TrialSpec:
 SPACES: dict[str, Callable[[optuna.Trial], TrialSpec]] = {
     "full": full_space,
     "tuned": tuned_space,
-    "seed": seed_space,
+    "kaggle": kaggle_space,
 }
+# Old names still accepted: "seed" also meant the random seed, so the baseline space was renamed.
+DEPRECATED_SPACES = {"seed": "kaggle"}
+
+
+def space_name(name: str) -> str:
+    """The current name of a search space, saying once on stderr when an old name is used."""
+    if name in DEPRECATED_SPACES:
+        new = DEPRECATED_SPACES[name]
+        print(f"note: space {name!r} is now called {new!r}; the old name will go in a later version.",
+              file=sys.stderr)
+        return new
+    return name
 
 
 def suggest_spec(trial: optuna.Trial, space: str = "full") -> TrialSpec:
     """Ask the trial for a TrialSpec from the named search space."""
-    return SPACES[space](trial)
+    return SPACES[DEPRECATED_SPACES.get(space, space)](trial)
 
 
 def spec_from_params(params: dict[str, Any], space: str = "full") -> TrialSpec:

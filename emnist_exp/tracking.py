@@ -19,7 +19,7 @@ import optuna
 from mlflow.models import ModelSignature, infer_signature
 
 from emnist_exp import plots
-from emnist_exp.search import TrialSpec
+from emnist_exp.spec import TrialSpec
 
 ROLE_TAG = "emnist.role"  # study | trial | ensemble
 STUDY_TAG = "optuna.study"

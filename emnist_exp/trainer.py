@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from emnist_exp import data, model as models
-from emnist_exp.search import TrialSpec
+from emnist_exp.spec import TrialSpec
 
 EVAL_BATCH = 512
 

@@ -69,7 +69,7 @@ def test_max_examples_caps_train_validation_and_test(tmp_path):
 
 def test_training_pipeline_batches_floats_one_hot_and_augments(tmp_path):
     from emnist_exp.model import build_augmenter
-    from emnist_exp.search import TrialSpec
+    from emnist_exp.spec import TrialSpec
 
     folder = write_idx_folder(tmp_path / "f", splits={"train": random_split(40, 3)})
     splits = data.load_splits(f"idx:{folder}", data_dir=str(tmp_path / "tfds"))
@@ -92,7 +92,7 @@ def test_augmentation_keeps_every_image_with_its_own_label(workdir):
     batches (static shape) keep it honest. With the bug about half the images here moved.
     """
     from emnist_exp.model import build_augmenter
-    from emnist_exp.search import TrialSpec
+    from emnist_exp.spec import TrialSpec
 
     splits = data.load_splits("synthetic:600", val_fraction=0.1)
     spec = TrialSpec(augment=True, elastic=0.5)

@@ -8,7 +8,8 @@ import optuna
 import pytest
 
 from emnist_exp import data, model, tracking
-from emnist_exp.search import SPACES, TUNED_WIDTHS, WIDTHS, TrialSpec, spec_from_params, suggest_spec
+from emnist_exp.search import SPACES, TUNED_WIDTHS, WIDTHS, spec_from_params, suggest_spec
+from emnist_exp.spec import TrialSpec
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,6 @@ def test_searched_spaces_reach_every_architecture_with_its_own_width(space, widt
     assert seen == set(model.ARCHITECTURES)
 
 
-def test_the_seed_space_stays_the_seed_cnn():
-    assert suggest_spec(optuna.trial.FixedTrial({}), "seed").arch == "cnn"
-    assert "seed" in SPACES
+def test_the_kaggle_space_stays_the_kaggle_cnn():
+    assert suggest_spec(optuna.trial.FixedTrial({}), "kaggle").arch == "cnn"
+    assert "kaggle" in SPACES

@@ -44,7 +44,7 @@ def new_database(pg_url):
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
 
-    from emnist_exp.study import storage_url
+    from emnist_exp.storage import storage_url
 
     admin = sa.create_engine(storage_url(pg_url), isolation_level="AUTOCOMMIT")
     made: list[str] = []
@@ -170,7 +170,7 @@ class Workers:
     def trials(self):
         import optuna
 
-        from emnist_exp.study import storage_url
+        from emnist_exp.storage import storage_url
 
         if not hasattr(self, "_storage"):  # plain storage: no heartbeats, nothing failed from here
             self._storage = optuna.storages.RDBStorage(storage_url(self.storage).render_as_string(hide_password=False))

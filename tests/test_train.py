@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from emnist_exp import data, tracking
-from emnist_exp.search import TrialSpec
+from emnist_exp.spec import TrialSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,8 @@ def test_rerunning_the_same_study_adds_trials(tiny_study, workdir):
 
 def test_pruning_stops_a_bad_trial(workdir):
     from emnist_exp.config import Config
-    from emnist_exp.study import Objective, make_pruner
+    from emnist_exp.objective import Objective
+    from emnist_exp.study import make_pruner
 
     study = optuna.create_study(direction="maximize", pruner=make_pruner("median"),
                                 storage=f"sqlite:///{workdir / 'optuna.db'}", study_name="pruning")
@@ -105,7 +106,7 @@ def test_pruning_stops_a_bad_trial(workdir):
         study.add_trial(optuna.trial.create_trial(
             params={"augment": False}, distributions=dist, value=value,
             intermediate_values={step: value for step in range(5)}))
-    cfg = Config(dataset="synthetic:600", study="pruning", epochs=5, patience=5, space="seed")
+    cfg = Config(dataset="synthetic:600", study="pruning", epochs=5, patience=5, space="kaggle")
     splits = data.load_splits(cfg.dataset)
     with tracking.study_run(cfg.to_dict(), storage="sqlite", sampler="test"):
         study.optimize(Objective(cfg, splits), n_trials=1)
