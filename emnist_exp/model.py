@@ -135,3 +135,21 @@ def compile_model(model: keras.Model, spec: TrialSpec, steps_per_epoch: int, epo
         metrics=["accuracy"],
     )
     return model
+
+
+def ensemble_graph(members: list[keras.Model], weights) -> keras.Model:
+    """The soft (weighted) vote of `members` as one Keras model: the members' input in, class scores out.
+
+    Built from Keras' own layers only (Rescaling by each weight, then Add), so the saved `.keras`
+    file loads without this package. Weights are normalised to sum to 1, as in voting.soft_vote.
+    """
+    weights = [float(w) for w in weights]
+    if len(weights) != len(members) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError("one non-negative weight per member is needed, and not all zero")
+    image = keras.Input(IMAGE_SHAPE, name="image")
+    # Each member becomes a model of its own name: members trained alike share a name, and a
+    # model's layers must not.
+    scaled = [layers.Rescaling(w / sum(weights), name=f"weight_{i}")(
+        keras.Model(m.inputs, m.output, name=f"member_{i}")(image)) for i, (m, w) in enumerate(zip(members, weights))]
+    scores = layers.Add(name="vote")(scaled) if len(scaled) > 1 else layers.Identity(name="vote")(scaled[0])
+    return keras.Model(image, scores, name="emnist_ensemble")

@@ -305,8 +305,10 @@ ENSEMBLE_MODEL = "emnist-ensemble"
 
 def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, members: list[str],
                  weights: np.ndarray | None, classes: tuple[str, ...], metrics: dict[str, float],
-                 tables: dict[str, str], figures: dict[str, Any], register: bool = True) -> tuple[str, str | None]:
-    """The ensemble run: members, weights, metrics, tables, plots, and the voting pyfunc model.
+                 tables: dict[str, str], figures: dict[str, Any], register: bool = True,
+                 graph: keras.Model | None = None) -> tuple[str, str | None]:
+    """The ensemble run: members, weights, metrics, tables, plots, the voting pyfunc model, and
+    `graph` (the vote as one Keras model) as graph/ensemble.keras and a SavedModel in graph/saved_model.
 
     Returns the run id and the registered version (None when not registered).
     """
@@ -326,6 +328,8 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
             mlflow.log_text(text, path)
         for path, fig in figures.items():
             log_figure(fig, path)
+        if graph is not None:
+            log_graph(graph, classes)
         with tempfile.TemporaryDirectory() as tmp:
             spec_path = Path(tmp) / "ensemble.json"
             spec_path.write_text(json.dumps({"strategy": strategy, "members": len(members), "classes": list(classes),
@@ -344,6 +348,25 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
             )
         version = getattr(info, "registered_model_version", None)
         return run.info.run_id, None if version is None else str(version)
+
+
+GRAPH = "graph"
+
+
+def log_graph(graph: keras.Model, classes: tuple[str, ...]) -> None:
+    """The one-graph ensemble for TF Serving and TFLite: .keras, SavedModel (`serve`), class list."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / GRAPH
+        folder.mkdir()
+        graph.save(folder / "ensemble.keras")
+        graph.export(str(folder / "saved_model"), verbose=False)
+        (folder / "classes.json").write_text(json.dumps(list(classes)))
+        mlflow.log_artifacts(str(folder), GRAPH)
+
+
+def download_graph(run_id: str) -> Path:
+    """The ensemble run's graph folder: ensemble.keras, saved_model/, classes.json."""
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=GRAPH))
 
 
 # ---- the registry, a study's runs and reports written into them (predict, report) -----------------
