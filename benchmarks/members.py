@@ -88,13 +88,31 @@ def graph_against_pyfunc(run_id: str, images: np.ndarray, repeats: int) -> list[
     return rows
 
 
+def print_rates(steps: int) -> None:
+    """Training images/s (batches in memory, batch 64) of each tuned width, the seed CNN at 128 around them."""
+    from emnist_exp.search import TUNED_WIDTHS  # noqa: PLC0415
+
+    before = training_rate(steps, 128)
+    rates = {(arch, w): training_rate(steps, 64, arch, w) for arch, widths in TUNED_WIDTHS.items() for w in widths}
+    after = training_rate(steps, 128)
+    print(f"training rate (seed CNN, batch 128): {before:,.0f} / {after:,.0f} images/s (before / after)")
+    base = rates[("cnn", 32)]
+    print(f"{'member':<12}{'images/s':>10}  cost per epoch vs cnn-32")
+    for (arch, w), value in rates.items():
+        print(f"{arch + '-' + str(w):<12}{value:>10,.0f}  {base / value:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=SAMPLE, help=f"dataset SPEC (default: {SAMPLE})")
     parser.add_argument("--epochs", type=int, default=3, help="one-cycle epochs of each member (default: 3)")
     parser.add_argument("--workdir", default=None, help="where the fresh stores go (default: a new temp dir)")
     parser.add_argument("--smoke", action="store_true", help="synthetic:1500, 1 epoch: checks the script runs")
+    parser.add_argument("--rates", action="store_true",
+                        help="only each architecture's training images/s at each width of the tuned space, batch 64")
     args = parser.parse_args()
+    if args.rates:
+        return print_rates(3 if args.smoke else 40)
     if args.smoke:
         args.dataset, args.epochs = "synthetic:1500", 1
     work = Path(args.workdir or tempfile.mkdtemp(prefix="emnist-members-")).resolve()

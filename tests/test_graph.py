@@ -44,8 +44,8 @@ def test_the_exported_graph_matches_the_pyfunc_to_float16(tiny_ensemble, tiny_st
     assert graph.input_shape == (None, 28, 28, 1) and graph.output_shape == (None, len(classes))
     assert len([layer for layer in graph.layers if isinstance(layer, keras.Model)]) == 3  # the members inside
     assert_same_scores(graph.predict(images, verbose=0), reference)
-    served = tf.saved_model.load(str(folder / "saved_model")).serve(tf.constant(images)).numpy()
-    assert_same_scores(served, reference)
+    saved = tf.saved_model.load(str(folder / "saved_model"))  # held: its variables go with the object
+    assert_same_scores(saved.serve(tf.constant(images)).numpy(), reference)
     assert tuple(json.loads((folder / "classes.json").read_text())) == classes
 
 
