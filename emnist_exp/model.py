@@ -16,6 +16,8 @@ SEED_DECAY = 0.95  # the seed recipe: lr * 0.95^epoch
 def build_model(spec: TrialSpec, num_classes: int) -> keras.Model:
     """The member `spec.arch` names, `spec.width` wide, with a softmax over `num_classes`.
 
+    After Chris Deotte's https://www.kaggle.com/code/cdeotte/25-million-images-0-99757-mnist
+
     Input is raw pixels (0..255, upright, white on black); scaling is inside, so a saved
     model needs no preprocessing of its own.
     """

@@ -9,7 +9,10 @@ from typing import Any
 
 @dataclass(frozen=True, kw_only=True)
 class TrialSpec:
-    """One member and how to train it. Defaults are the Kaggle EMNIST/MNIST recipe."""
+    """One member and how to train it. Defaults are the Kaggle EMNIST/MNIST recipe.
+
+    The recipe: https://www.kaggle.com/code/cdeotte/25-million-images-0-99757-mnist
+    """
 
     # architecture: cnn (the Kaggle CNN), resnet or vgg5 (emnist_exp.model.ARCHITECTURES), each
     # with stages of 1x, 2x and 4x `width` filters

@@ -11,6 +11,8 @@ import pytest
 
 from emnist_exp import data, ensemble, tracking
 
+pytestmark = pytest.mark.slow  # the tiny study and its ensembles
+
 FLOAT16_STEP = 2.0**-11  # float16's spacing just below 1: the pyfunc votes on float16 member outputs
 
 
