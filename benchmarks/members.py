@@ -127,6 +127,7 @@ def main() -> None:
     from emnist_exp import data, tracking  # noqa: PLC0415
     from emnist_exp.config import resolve  # noqa: PLC0415
 
+    commit = tracking.git_commit()[:7]  # now: the checkout may move while this runs
     flags = {"dataset": args.dataset, "study": STUDY, "space": "tuned", "n_trials": str(len(WIDTH)),
              "epochs": str(args.epochs), "patience": str(args.epochs), "pruner": "none", "storage": storage}
     queue_trials(resolve(flags))
@@ -147,7 +148,7 @@ def main() -> None:
     wrong = [p["test_probs"].argmax(axis=1) != test_labels for p in preds]
 
     print(f"\ndataset {args.dataset}{' (smoke)' if args.smoke else ''}, {os.cpu_count()} CPUs, commit "
-          f"{tracking.git_commit()[:7]}, stores in {work}")
+          f"{commit}, stores in {work}")
     print("training rate (seed CNN, batch 128): " + " / ".join(f"{r:,.0f}" for r in rates)
           + " images/s (before / after training)")
     print(f"train command {train_s / 60:.1f} min for {len(trials)} members of {args.epochs} epochs; "

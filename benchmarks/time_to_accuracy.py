@@ -117,6 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.dataset, args.seed_epochs, args.best_epochs, args.evals = "synthetic:600", 1, 1, 2
+    commit = git_commit()  # now: the checkout may move while this runs
     rate_steps = 3 if args.smoke else 60
     splits = data.load_splits(args.dataset)
     rates = [training_rate(rate_steps, 128)]
@@ -129,7 +130,7 @@ def main() -> None:
     reach = {name: first_reach(clock.points, target) for name, (_, _, _, clock) in runs.items()}
 
     print(f"dataset {args.dataset}: {splits.counts['train']:,} train, {splits.counts['val']:,} val, "
-          f"{splits.counts['test'] or 0:,} test; {os.cpu_count()} CPUs; commit {git_commit()}")
+          f"{splits.counts['test'] or 0:,} test; {os.cpu_count()} CPUs; commit {commit}")
     print("training rate (seed CNN, batch 128): " + " / ".join(f"{r:,.0f}" for r in rates)
           + " images/s (before / between / after)")
     print(f"target: the seed recipe's final val accuracy {target:.4f}")
