@@ -171,7 +171,7 @@ def _record_blocks(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dat
     (tfds' file instructions, slices included) are parsed a block at a time instead: ~90k images/s.
     """
     features = builder.info.features
-    spec = {key: tf.io.FixedLenFeature(info.shape, info.dtype)
+    spec = {key: tf.io.FixedLenFeature(info.shape, info.tf_dtype)
             for key, info in features.get_serialized_info().items()}
     image_key, label_key = builder.info.supervised_keys
     shards = [tf.data.TFRecordDataset(part.filename).skip(part.skip).take(part.take)
@@ -209,13 +209,59 @@ def load_splits(spec: str, *, val_fraction: float = 0.1, max_examples: int = 0, 
     n_test = source.num_examples("test") if has_test else 0
     if max_examples and has_test:
         n_test = min(n_test, max_examples)
-    return Splits(
-        source=source,
-        train=read_split(source, f"train[:{n_train}]", shuffle_seed=seed),
-        val=read_split(source, f"train[{n_train}:{n_train + n_val}]"),
-        test=read_split(source, f"test[:{n_test}]") if has_test else None,
-        counts={"train": n_train, "val": n_val, "test": n_test},
-    )
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    slices = split_slices(counts)
+
+    def read(split: str, **options) -> tf.data.Dataset:
+        # Records read from files have no known length; told it, Keras ends each epoch on its last
+        # step instead of running into the end of the data and warning about it.
+        ds = read_split(source, slices[split], **options)
+        return ds.apply(tf.data.experimental.assert_cardinality(counts[split]))
+
+    return Splits(source=source, train=read("train", shuffle_seed=seed), val=read("val"),
+                  test=read("test") if has_test else None, counts=counts)
+
+
+def split_slices(counts: dict[str, int]) -> dict[str, str]:
+    """The tfds slices behind the counts of load_splits: validation is the end of the capped train."""
+    n_train, n_val = counts["train"], counts["val"]
+    return {"train": f"train[:{n_train}]", "val": f"train[{n_train}:{n_train + n_val}]",
+            "test": f"test[:{counts['test']}]"}
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    """What one split of a study is, for the record: enough to tell two runs' data apart."""
+
+    context: str  # training | validation | test
+    slice: str  # the tfds slice, e.g. train[:76361]
+    count: int
+    digest: str
+    location: str  # the folder the examples are read from
+
+
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+
+
+def split_records(splits: Splits) -> list[SplitRecord]:
+    """Train, validation and test (when there is one) as SplitRecords.
+
+    The digest hashes the prepared builder's name, config and version with the slice: an idx
+    config is named by a hash of its files' bytes, a synthetic one by its size, and a tfds release
+    by its version, so equal digests mean the same examples in the same order.
+    """
+    builder = splits.source.builder
+    config = builder.builder_config.name if builder.builder_config else ""
+    identity = f"{builder.name}/{config}:{builder.version}"
+    spec = splits.source.spec
+    location = os.path.abspath(spec[len("idx:") :]) if spec.startswith("idx:") else str(builder.data_dir)
+    records = []
+    for split, piece in split_slices(splits.counts).items():
+        if split == "test" and splits.test is None:
+            continue
+        digest = hashlib.sha1(f"{identity}|{piece}".encode()).hexdigest()[:16]
+        records.append(SplitRecord(SPLIT_CONTEXTS[split], piece, splits.counts[split], digest, location))
+    return records
 
 
 def _one_hot(num_classes: int) -> Callable:
