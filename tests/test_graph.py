@@ -31,7 +31,7 @@ def assert_same_scores(scores: np.ndarray, reference: np.ndarray) -> None:
     np.testing.assert_allclose(scores, reference, rtol=0, atol=FLOAT16_STEP)
     top_two = np.sort(reference, axis=1)[:, -2:]
     clear = top_two[:, 1] - top_two[:, 0] > 2 * FLOAT16_STEP  # near-ties may swap under float16
-    assert clear.mean() > 0.5
+    assert clear.mean() > 0.25  # the barely trained tiny members still leave a quarter or more to compare
     np.testing.assert_array_equal(scores.argmax(axis=1)[clear], reference.argmax(axis=1)[clear])
 
 
