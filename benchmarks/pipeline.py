@@ -33,15 +33,15 @@ def pipeline_rate(dataset: str, augment: bool, batches: int, batch_size: int, el
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def training_rate(steps: int, batch_size: int) -> float:
-    """The seed CNN's training images/s on batches already in memory (the model alone)."""
+def training_rate(steps: int, batch_size: int, arch: str = "cnn", width: int = 32) -> float:
+    """A member's training images/s on batches already in memory (the model alone); the seed CNN by default."""
     import numpy as np
     import tensorflow as tf
 
     from emnist_exp import model
     from emnist_exp.spec import TrialSpec
 
-    spec = TrialSpec(batch_size=batch_size)
+    spec = TrialSpec(arch=arch, width=width, batch_size=batch_size)
     net = model.compile_model(model.build_model(spec, 47), spec, steps, 1)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (batch_size * 8, 28, 28, 1)).astype("float32")

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pairwise_disagreement.csv": matrix_csv(dis, ids)},
         figures={"plots/confusion_matrix.png": plots.confusion(
             split_labels, predicted, classes, title=f"ensemble ({args.strategy}) on {split_name}")},
-        register=args.register,
+        register=args.register, graph=None if args.strategy == "hard" else graph(ids, weights),
     )
     print_table(names, weights, member_val, member_test, metrics, args.strategy)
     print(f"assembled {len(runs)} members in {seconds:.2f}s "
@@ -142,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"registered models:/{tracking.ENSEMBLE_MODEL}/{version}")
     print(f"runs: {tracking.experiment_url(runs[0].info.experiment_id)} (`mlflow ui` for a local store)")
     return 0
+
+
+def graph(run_ids: list[str], weights: np.ndarray):
+    """The members' Keras models and their soft vote as one model (a hard vote has no such graph)."""
+    from emnist_exp import model, tracking  # noqa: PLC0415
+
+    return model.ensemble_graph([tracking.load_keras_model(r) for r in run_ids], weights)
 
 
 def print_table(names, weights, member_val, member_test, metrics, strategy) -> None:

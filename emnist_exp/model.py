@@ -1,6 +1,8 @@
-"""The seed CNN and its variants, their augmentation stack and optimiser. No tracking here."""
+"""The member architectures (seed CNN, small ResNet, VGG-5), augmentation and optimiser. No tracking here."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import keras
 from keras import layers
@@ -12,26 +14,79 @@ SEED_DECAY = 0.95  # the seed recipe: lr * 0.95^epoch
 
 
 def build_model(spec: TrialSpec, num_classes: int) -> keras.Model:
-    """The Kaggle EMNIST/MNIST CNN: 32-32-32/s2, 64-64-64/s2, 128, dropout, BN, softmax.
+    """The member `spec.arch` names, `spec.width` wide, with a softmax over `num_classes`.
 
     After Chris Deotte's https://www.kaggle.com/code/cdeotte/25-million-images-0-99757-mnist
 
     Input is raw pixels (0..255, upright, white on black); scaling is inside, so a saved
     model needs no preprocessing of its own.
     """
-    w, bn = spec.width, spec.batch_norm
+    if spec.arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {spec.arch!r}: expected one of {', '.join(ARCHITECTURES)}")
+    image = keras.Input(IMAGE_SHAPE, name="image")
+    features = ARCHITECTURES[spec.arch](layers.Rescaling(1.0 / 255)(image), spec)
+    probs = layers.Dense(num_classes, activation="softmax", name="probs")(layers.Dropout(spec.dropout)(features))
+    return keras.Model(image, probs, name=f"emnist_{spec.arch}")
 
-    def conv(filters: int, kernel: int, strides: int = 1) -> list[layers.Layer]:
-        padding = "same" if strides > 1 else "valid"
-        block = [layers.Conv2D(filters, kernel, strides=strides, padding=padding, activation="relu")]
-        return block + ([layers.BatchNormalization()] if bn else [])
 
-    stack = [keras.Input(IMAGE_SHAPE, name="image"), layers.Rescaling(1.0 / 255)]
-    stack += conv(w, 3) + conv(w, 3) + conv(w, 5, strides=2) + [layers.Dropout(spec.dropout)]
-    stack += conv(2 * w, 3) + conv(2 * w, 3) + conv(2 * w, 5, strides=2) + [layers.Dropout(spec.dropout)]
-    stack += conv(4 * w, 4) + [layers.Flatten(), layers.Dropout(spec.dropout)]
-    stack += [layers.Dense(num_classes, activation="softmax", name="probs")]
-    return keras.Sequential(stack, name="emnist_cnn")
+def _conv(x, filters: int, kernel: int, spec: TrialSpec, strides: int = 1, padding: str = "valid"):
+    """Conv, ReLU, then batch-norm when the spec has it (the seed's order)."""
+    x = layers.Conv2D(filters, kernel, strides=strides, padding=padding, activation="relu")(x)
+    return layers.BatchNormalization()(x) if spec.batch_norm else x
+
+
+def seed_cnn(x, spec: TrialSpec):
+    """The Kaggle EMNIST/MNIST CNN: 32-32-32/s2, 64-64-64/s2, 128 (at width 32), dropout, BN.
+
+    ~332k parameters at width 32 for 47 classes.
+    """
+    w = spec.width
+    for filters in (w, 2 * w):
+        x = _conv(x, filters, 3, spec)
+        x = _conv(x, filters, 3, spec)
+        x = _conv(x, filters, 5, spec, strides=2, padding="same")
+        x = layers.Dropout(spec.dropout)(x)
+    return layers.Flatten()(_conv(x, 4 * w, 4, spec))
+
+
+def _residual(x, filters: int, strides: int, spec: TrialSpec):
+    """A basic pre-sum block: two 3x3 convs, a 1x1 projection when the shape changes."""
+    y = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=not spec.batch_norm)(x)
+    y = layers.BatchNormalization()(y) if spec.batch_norm else y
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=not spec.batch_norm)(layers.ReLU()(y))
+    y = layers.BatchNormalization()(y) if spec.batch_norm else y
+    if strides != 1 or x.shape[-1] != filters:
+        x = layers.Conv2D(filters, 1, strides=strides, use_bias=False)(x)
+    return layers.ReLU()(layers.Add()([x, y]))
+
+
+def small_resnet(x, spec: TrialSpec):
+    """A 3x3 stem and three residual stages of w, 2w, 4w filters (28, 14, 7 px), global average pool.
+
+    ~314k parameters at width 32: the architecture that was the best single member at equal epochs.
+    """
+    w = spec.width
+    x = _conv(x, w, 3, spec, padding="same")
+    for filters, strides in ((w, 1), (2 * w, 2), (4 * w, 2)):
+        x = _residual(x, filters, strides, spec)
+    return layers.GlobalAveragePooling2D()(x)
+
+
+def vgg5(x, spec: TrialSpec):
+    """VGG-style, five 3x3 convs: w-w, pool, 2w-2w, pool, 4w, global average pool, a 4w dense layer.
+
+    The head of the published VGG-5 EMNIST models (Spinal FC) is replaced by one dense layer.
+    """
+    w = spec.width
+    for filters in (w, 2 * w):
+        x = _conv(x, filters, 3, spec, padding="same")
+        x = _conv(x, filters, 3, spec, padding="same")
+        x = layers.Dropout(spec.dropout / 2)(layers.MaxPooling2D()(x))
+    x = layers.GlobalAveragePooling2D()(_conv(x, 4 * w, 3, spec, padding="same"))
+    return layers.Dense(4 * w, activation="relu")(x)
+
+
+ARCHITECTURES: dict[str, Callable] = {"cnn": seed_cnn, "resnet": small_resnet, "vgg5": vgg5}
 
 
 def build_augmenter(spec: TrialSpec, seed: int) -> keras.Sequential | None:
@@ -82,3 +137,21 @@ def compile_model(model: keras.Model, spec: TrialSpec, steps_per_epoch: int, epo
         metrics=["accuracy"],
     )
     return model
+
+
+def ensemble_graph(members: list[keras.Model], weights) -> keras.Model:
+    """The soft (weighted) vote of `members` as one Keras model: the members' input in, class scores out.
+
+    Built from Keras' own layers only (Rescaling by each weight, then Add), so the saved `.keras`
+    file loads without this package. Weights are normalised to sum to 1, as in voting.soft_vote.
+    """
+    weights = [float(w) for w in weights]
+    if len(weights) != len(members) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError("one non-negative weight per member is needed, and not all zero")
+    image = keras.Input(IMAGE_SHAPE, name="image")
+    # Each member becomes a model of its own name: members trained alike share a name, and a
+    # model's layers must not.
+    scaled = [layers.Rescaling(w / sum(weights), name=f"weight_{i}")(
+        keras.Model(m.inputs, m.output, name=f"member_{i}")(image)) for i, (m, w) in enumerate(zip(members, weights))]
+    scores = layers.Add(name="vote")(scaled) if len(scaled) > 1 else layers.Identity(name="vote")(scaled[0])
+    return keras.Model(image, scores, name="emnist_ensemble")

@@ -15,7 +15,7 @@ FOLDER = "report"  # artifact folder in the study's parent run
 HYPERPARAMETERS = [f.name for f in dataclasses.fields(TrialSpec)]
 SWITCHES = {"augment": ("augmentation", "augmentation.png"), "batch_norm": ("batch norm", "batch_norm.png")}
 # The summary table: (column, header). Everything else is in each run's params in `mlflow ui`.
-SUMMARY = [("trial", "trial"), ("state", "state"), ("augment", "aug"), ("batch_norm", "bn"),
+SUMMARY = [("trial", "trial"), ("state", "state"), ("arch", "arch"), ("augment", "aug"), ("batch_norm", "bn"),
            ("dropout", "dropout"), ("width", "width"), ("learning_rate", "lr"), ("batch_size", "batch"),
            ("schedule", "schedule"), ("label_smoothing", "smoothing"), ("val_accuracy", "val_acc"),
            ("test_accuracy", "test_acc")]

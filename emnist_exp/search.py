@@ -10,6 +10,17 @@ import optuna
 from emnist_exp.spec import TrialSpec
 
 
+# Each architecture's width knob (its first stage's filters), searched under its own name
+# (cnn_width, resnet_width, vgg5_width): Optuna keeps one set of choices per parameter name.
+WIDTHS = {"cnn": [16, 32, 48], "resnet": [16, 24, 32], "vgg5": [16, 32, 48]}
+TUNED_WIDTHS = {"cnn": [32], "resnet": [24, 32], "vgg5": [24, 32]}  # each about the cost of cnn-32 or up to 2x
+
+
+def _architecture(trial: optuna.Trial, widths: dict[str, list[int]]) -> dict[str, Any]:
+    arch = trial.suggest_categorical("arch", list(widths))
+    return {"arch": arch, "width": trial.suggest_categorical(f"{arch}_width", widths[arch])}
+
+
 def _augmentation(trial: optuna.Trial, max_rotation: float = 20.0) -> dict[str, Any]:
     if not trial.suggest_categorical("augment", [True, False]):
         return {"augment": False}
@@ -23,12 +34,12 @@ def _augmentation(trial: optuna.Trial, max_rotation: float = 20.0) -> dict[str, 
 
 
 def full_space(trial: optuna.Trial) -> TrialSpec:
-    """Every knob of TrialSpec: augmentation, dropout, BN, width, lr, schedule, batch, smoothing."""
+    """Everything: architecture and width, augmentation, dropout, BN, lr, schedule, batch, smoothing."""
     return TrialSpec(
+        **_architecture(trial, WIDTHS),
         **_augmentation(trial),
         dropout=trial.suggest_float("dropout", 0.0, 0.5),
         batch_norm=trial.suggest_categorical("batch_norm", [True, False]),
-        width=trial.suggest_categorical("width", [16, 32, 48]),
         learning_rate=trial.suggest_float("learning_rate", 3e-4, 3e-3, log=True),
         schedule=trial.suggest_categorical("schedule", ["exp", "cosine", "onecycle"]),
         batch_size=trial.suggest_categorical("batch_size", [32, 64, 128, 256]),
@@ -47,10 +58,13 @@ def tuned_space(trial: optuna.Trial) -> TrialSpec:
     One-cycle at batch 32 or 64 (on 2 cores batch 64 is as fast per image as 128, and both
     converge further per epoch), batch-norm on. Augmentation on or off, and light when on: in
     ~10 epochs heavy augmentation costs more fit than it buys. No elastic warp: Keras' costs
-    more CPU per image than the training step can spare. Measured in BENCHMARKS.md.
+    more CPU per image than the training step can spare. The architecture is searched too:
+    members of different architectures share fewer errors. Measured in BENCHMARKS.md.
     """
+    architecture = _architecture(trial, TUNED_WIDTHS)
     augment = trial.suggest_categorical("augment", [True, False])
     return TrialSpec(
+        **architecture,
         augment=augment,
         rotation=trial.suggest_float("rotation", 3.0, 8.0) if augment else 0.0,
         shift=trial.suggest_float("shift", 0.02, 0.06) if augment else 0.0,

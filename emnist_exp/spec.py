@@ -1,4 +1,4 @@
-"""TrialSpec: one CNN variant and how to train it, as plain data (no Optuna, no Keras)."""
+"""TrialSpec: one member (architecture and width) and how to train it, as plain data (no Optuna, no Keras)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from typing import Any
 
 @dataclass(frozen=True, kw_only=True)
 class TrialSpec:
-    """One CNN variant and how to train it. Defaults are the Kaggle EMNIST/MNIST recipe.
+    """One member and how to train it. Defaults are the Kaggle EMNIST/MNIST recipe.
 
     The recipe: https://www.kaggle.com/code/cdeotte/25-million-images-0-99757-mnist
     """
 
-    # architecture: the Kaggle CNN, widths 1x, 2x, 4x of `width`
+    # architecture: cnn (the Kaggle CNN), resnet or vgg5 (emnist_exp.model.ARCHITECTURES), each
+    # with stages of 1x, 2x and 4x `width` filters
+    arch: str = "cnn"
     width: int = 32
     dropout: float = 0.4
     batch_norm: bool = True
@@ -36,4 +38,4 @@ class TrialSpec:
     def short_name(self) -> str:
         """What a run list should show at a glance."""
         on = lambda flag: "on" if flag else "off"  # noqa: E731
-        return f"aug={on(self.augment)} bn={on(self.batch_norm)} drop={self.dropout:.2f}"
+        return f"{self.arch}-{self.width} aug={on(self.augment)} bn={on(self.batch_norm)} drop={self.dropout:.2f}"

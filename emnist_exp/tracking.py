@@ -214,7 +214,7 @@ def trial_run_name(number: int, spec: TrialSpec) -> str:
 def trial_run(study: str, number: int, spec: TrialSpec, seed: int, extra_params: dict[str, Any]
               ) -> Iterator[mlflow.ActiveRun]:
     """A nested child run for one trial. Its end status follows how the trial ended."""
-    tags = {ROLE_TAG: "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING",
+    tags = {ROLE_TAG: "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING", "arch": spec.arch,
             "aug": "on" if spec.augment else "off", "bn": "on" if spec.batch_norm else "off"}
     run = mlflow.start_run(run_name=trial_run_name(number, spec), nested=True, tags=tags)
     status = "FAILED"
@@ -303,13 +303,17 @@ def end_stale_trial_run(study: str, number: int, run_id: str | None = None) -> l
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Per-epoch train/validation loss and accuracy (and the learning rate) as step metrics.
+    """Per-epoch train/validation loss and accuracy, the learning rate and the epoch's seconds as step metrics.
 
     They are named epoch_<keras name>; the plain names hold each trial's final values.
     """
 
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         metrics = {f"epoch_{k}": float(v) for k, v in (logs or {}).items() if np.isfinite(float(v))}
+        metrics["epoch_seconds"] = time.perf_counter() - self.started  # training and validation
         mlflow.log_metrics(metrics, step=epoch)
 
 
@@ -347,7 +351,8 @@ def log_trial_result(result, spec: TrialSpec, classes: tuple[str, ...], *, param
     so `mlflow.search_logged_models(order_by=[{"field_name": "metrics.val_accuracy"}])` ranks the models.
     """
     datasets = datasets or {}
-    mlflow.log_metrics({"epochs_run": result.epochs_run, "train_seconds": result.seconds, "param_count": param_count})
+    mlflow.log_metrics({"epochs_run": result.epochs_run, "train_seconds": result.seconds, "param_count": param_count,
+                        "seconds_per_epoch": result.seconds / max(1, result.epochs_run)})
     mlflow.log_metrics({"val_accuracy": result.val_accuracy}, model_id=model_id, dataset=datasets.get("validation"))
     if result.test_accuracy is not None:
         mlflow.log_metrics({"test_accuracy": result.test_accuracy}, model_id=model_id, dataset=datasets.get("test"))
@@ -441,6 +446,11 @@ def download_model(run_id: str) -> str:
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_NAME)
 
 
+def load_keras_model(run_id: str) -> keras.Model:
+    """A trial's Keras model itself, to build the ensemble graph from; scoring goes through serving.load_model."""
+    return mlflow.keras.load_model(model_uri(run_id))
+
+
 def model_uri(run_id: str) -> str:
     """The URI of a trial run's logged model, for serving.load_model."""
     return f"runs:/{run_id}/{MODEL_NAME}"
@@ -453,8 +463,10 @@ ENSEMBLE_OUTPUTS = Schema([ColSpec("long", "image"), ColSpec("long", "rank"), Co
 
 def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, members: list[str],
                  weights: np.ndarray | None, classes: tuple[str, ...], metrics: dict[str, float],
-                 tables: dict[str, str], figures: dict[str, Any], register: bool = True) -> tuple[str, str | None]:
-    """The ensemble run: members, weights, metrics, tables, plots, and the voting pyfunc model.
+                 tables: dict[str, str], figures: dict[str, Any], register: bool = True,
+                 graph: keras.Model | None = None) -> tuple[str, str | None]:
+    """The ensemble run: members, weights, metrics, tables, plots, the voting pyfunc model, and
+    `graph` (the vote as one Keras model) as graph/ensemble.keras and a SavedModel in graph/saved_model.
 
     Returns the run id and the registered version (None when not registered).
     """
@@ -471,6 +483,8 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
             mlflow.log_text(text, path)
         for path, fig in figures.items():
             log_figure(fig, path)
+        if graph is not None:
+            log_graph(graph, classes)
         with tempfile.TemporaryDirectory() as tmp:
             spec_path = Path(tmp) / "ensemble.json"
             spec_path.write_text(json.dumps({"strategy": strategy, "members": len(members), "classes": list(classes),
@@ -491,6 +505,25 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
         mlflow.log_metrics(metrics, model_id=info.model_id)
         version = getattr(info, "registered_model_version", None)
         return run.info.run_id, None if version is None else str(version)
+
+
+GRAPH = "graph"
+
+
+def log_graph(graph: keras.Model, classes: tuple[str, ...]) -> None:
+    """The one-graph ensemble for TF Serving and TFLite: .keras, SavedModel (`serve`), class list."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / GRAPH
+        folder.mkdir()
+        graph.save(folder / "ensemble.keras")
+        graph.export(str(folder / "saved_model"), verbose=False)
+        (folder / "classes.json").write_text(json.dumps(list(classes)))
+        mlflow.log_artifacts(str(folder), GRAPH)
+
+
+def download_graph(run_id: str) -> Path:
+    """The ensemble run's graph folder: ensemble.keras, saved_model/, classes.json."""
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=GRAPH))
 
 
 # ---- the registry, a study's runs and reports written into them (predict, report) -----------------

@@ -115,3 +115,32 @@ def test_strategies_benchmark_cross_fits_on_validation(tiny_study):
     expected = {"best member": voting.accuracy(test[best], labels), "oracle (any member)": oracle,
                 "soft": voting.accuracy(voting.soft_vote(test), labels)}
     assert {name: rows[name][1] for name in expected} == {k: round(v, 4) for k, v in expected.items()}, out
+
+
+def test_time_to_accuracy_benchmark_smoke(workdir):
+    """Both recipes train, in one run, with a clock that stops while they are evaluated."""
+    out = run_script("time_to_accuracy.py", "--smoke")
+    target = float(re.search(r"^target: the seed recipe's final val accuracy ([\d.]+)$", out, flags=re.M).group(1))
+    rows = {m[0]: m[1:] for m in re.findall(r"^\s+(seed recipe|best recipe)\s+([\d,]+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)"
+                                             r"\s+([\d.]+)\s+([\d.]+)\s+([\d.]+|not reached)", out, flags=re.M)}
+    assert set(rows) == {"seed recipe", "best recipe"}, out
+    seed = rows["seed recipe"]
+    assert float(seed[3]) == target  # the target is the seed recipe's own final validation accuracy
+    assert seed[6] != "not reached" and float(seed[6]) <= float(seed[5])  # reached within its training time
+    assert re.search(r"^speed-up to target: ([\d.]+x|not reached by the best recipe)$", out, flags=re.M), out
+    assert "best recipe: resnet-24, onecycle" in out
+    rates = re.search(r"^training rate \(seed CNN, batch 128\): ([\d,]+) / ([\d,]+) / ([\d,]+) images/s", out, re.M)
+    assert rates and all(float(r.replace(",", "")) > 0 for r in rates.groups())
+
+
+def test_members_benchmark_smoke(workdir, tmp_path):
+    """One member of each architecture through the train and ensemble commands, then the graph against the pyfunc."""
+    out = run_script("members.py", "--smoke", "--workdir", str(tmp_path))
+    members = re.findall(r"^(cnn|resnet|vgg5)-(\d+)\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)  ([\d. ]+)$", out, re.M)
+    assert [m[0] for m in members] == ["cnn", "resnet", "vgg5"], out
+    assert all(len(m[6].split()) == 1 for m in members)  # one epoch each in the smoke run
+    assert re.search(r"^soft ensemble\s+[\d.]+\s+[\d.]+", out, re.M)
+    graph = re.findall(r"^graph, (\.keras|SavedModel).*?([\d,]+) images/s\s+([\d.]+)x\s+max \|score - pyfunc\| "
+                       r"([\d.e+-]+), same class ([\d.]+)%$", out, re.M)
+    assert [g[0] for g in graph] == [".keras", "SavedModel"], out
+    assert all(float(g[3]) <= 2.0**-11 for g in graph)  # float16's step below 1: the pyfunc's own rounding

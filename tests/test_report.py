@@ -53,7 +53,8 @@ def test_markdown_lists_every_trial_with_its_accuracies(report):
         row = next(r for r in rows if r.startswith(f"| {number} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == run.data.tags["optuna.state"]
-        assert cells[2] == run.data.tags["aug"] and cells[3] == run.data.tags["bn"]
+        assert cells[2] == run.data.tags["arch"]
+        assert cells[3] == run.data.tags["aug"] and cells[4] == run.data.tags["bn"]
         assert cells[-2] == f"{run.data.metrics['val_accuracy']:.4f}"
         assert cells[-1] == f"{run.data.metrics['test_accuracy']:.4f}"
 
@@ -70,7 +71,7 @@ def test_markdown_and_stdout_show_the_ensemble_and_the_on_off_comparisons(report
     if on:  # the group table's mean is the mean of the runs' own numbers
         assert f"| on | {len(on)} | {sum(on) / len(on):.4f} |" in markdown
     header = report["stdout"].splitlines()[0].split()
-    assert header[:4] == ["trial", "state", "aug", "bn"] and header[-2:] == ["val_acc", "test_acc"]
+    assert header[:5] == ["trial", "state", "arch", "aug", "bn"] and header[-2:] == ["val_acc", "test_acc"]
     assert "report/report.md" in report["stdout"]
 
 

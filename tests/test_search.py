@@ -11,17 +11,18 @@ from emnist_exp.spec import TrialSpec
 
 
 def test_fixed_trial_gives_the_spec_it_describes():
-    params = {"augment": True, "rotation": 10.0, "shift": 0.1, "zoom": 0.05, "elastic": 0.2, "dropout": 0.3,
-              "batch_norm": False, "width": 16, "learning_rate": 2e-3, "schedule": "cosine", "batch_size": 64,
-              "label_smoothing": 0.1}
+    params = {"arch": "resnet", "resnet_width": 16, "augment": True, "rotation": 10.0, "shift": 0.1, "zoom": 0.05,
+              "elastic": 0.2, "dropout": 0.3, "batch_norm": False, "learning_rate": 2e-3, "schedule": "cosine",
+              "batch_size": 64, "label_smoothing": 0.1}
     spec = suggest_spec(optuna.trial.FixedTrial(params), "full")
-    assert spec == TrialSpec(**params)
+    fields = {k: v for k, v in params.items() if k != "resnet_width"}
+    assert spec == TrialSpec(**fields, width=16)
     assert spec_from_params(params) == spec
-    assert spec.short_name() == "aug=on bn=off drop=0.30"
+    assert spec.short_name() == "resnet-16 aug=on bn=off drop=0.30"
 
 
 def test_augmentation_off_asks_for_no_strengths():
-    spec = spec_from_params({"augment": False, "dropout": 0.1, "batch_norm": True, "width": 32,
+    spec = spec_from_params({"arch": "cnn", "cnn_width": 32, "augment": False, "dropout": 0.1, "batch_norm": True,
                              "learning_rate": 1e-3, "schedule": "exp", "batch_size": 32, "label_smoothing": 0.0})
     assert not spec.augment and spec.rotation == spec.shift == spec.zoom == spec.elastic == 0.0
     assert build_augmenter(spec, seed=0) is None

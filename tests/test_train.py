@@ -29,13 +29,16 @@ def test_runs_form_a_tree_with_params_and_per_epoch_metrics(tiny_study):
     assert len(mine) == 3
     client = MlflowClient()
     for child in mine:
-        assert child.info.run_name.startswith(f"trial-{int(child.data.tags['optuna.trial_number']):03d} aug=")
+        assert child.info.run_name.startswith(f"trial-{int(child.data.tags['optuna.trial_number']):03d} "
+                                              f"{child.data.params['arch']}-{child.data.params['width']} aug=")
+        assert child.data.tags["arch"] == child.data.params["arch"]
         assert child.data.tags["optuna.state"] == "COMPLETE" and child.info.status == "FINISHED"
         assert set(TrialSpec().params()) <= set(child.data.params)
-        for metric in ["loss", "accuracy", "val_loss", "val_accuracy"]:
+        for metric in ["loss", "accuracy", "val_loss", "val_accuracy", "seconds"]:
             steps = [m.step for m in client.get_metric_history(child.info.run_id, f"epoch_{metric}")]
             assert steps == list(range(int(child.data.metrics["epochs_run"]))), metric
-        for metric in ["val_accuracy", "test_accuracy", "train_seconds", "param_count", "epochs_run"]:
+        for metric in ["val_accuracy", "test_accuracy", "train_seconds", "seconds_per_epoch", "param_count",
+                       "epochs_run"]:
             assert metric in child.data.metrics
         assert child.data.metrics["epochs_run"] == 2
         files = {f.path for f in client.list_artifacts(child.info.run_id, "plots")}
