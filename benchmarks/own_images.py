@@ -38,8 +38,9 @@ CONDITIONS = {
     "clean scan, 60 px": (60, None),
     "clean scan, 128 px": (128, None),
     "clean scan, 300 px": (300, None),
-    "thin pen (eroded, 300 px)": (300, "thin"),
-    "thick pen (dilated, 300 px)": (300, "thick"),
+    "thin pen (eroded 4 px at 300 px)": (300, "thin"),
+    "fine pen (6 px strokes at 300 px)": (300, "fine"),
+    "thick pen (dilated 8 px at 300 px)": (300, "thick"),
     "binarised like NIST (128 px)": (128, "binary"),
     "JPEG quality 70 (128 px)": (128, "jpeg"),
     "grey paper, shadow gradient (128 px)": (128, "shadow"),
@@ -47,7 +48,9 @@ CONDITIONS = {
     "rotated +5 degrees (128 px)": (128, "rotate+"),
     "rotated -5 degrees (128 px)": (128, "rotate-"),
 }
-PEN_RADIUS = 8  # px at 300 px: an EMNIST stroke there is ~28 px wide, so thin ~12 px, thick ~44 px
+PEN_RADIUS = 8  # px at 300 px: an EMNIST stroke there is ~28 px wide, a thick pen's ~44 px
+THIN_RADIUS = 4  # px at 300 px: ~20 px strokes; EMNIST's thinnest (~20 px) keep ~12 px, none vanishes
+FINE_PEN = 6  # px at 300 px: a fineliner, a fifth of EMNIST's median stroke, every stroke alike
 
 
 def load_test(folder: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,8 +75,11 @@ def enlarge(image: np.ndarray, side: int) -> np.ndarray:
 def render(image: np.ndarray, side: int, how: str | None, rng: np.random.Generator) -> bytes:
     """One stored image as the bytes of a user's file in the named condition."""
     ink = enlarge(image, side)
+    if how == "fine":
+        ink = fine_pen(ink)
     if how in ("thin", "thick"):
-        disk = np.hypot(*np.mgrid[-PEN_RADIUS : PEN_RADIUS + 1, -PEN_RADIUS : PEN_RADIUS + 1]) <= PEN_RADIUS
+        radius = THIN_RADIUS if how == "thin" else PEN_RADIUS
+        disk = np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius
         ink = (ndimage.grey_erosion if how == "thin" else ndimage.grey_dilation)(ink, footprint=disk)
     if how == "binary":
         ink = (ink >= 0.5).astype(np.float32)
@@ -95,6 +101,35 @@ def render(image: np.ndarray, side: int, how: str | None, rng: np.random.Generat
     else:
         picture.convert("RGB").save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def fine_pen(ink: np.ndarray) -> np.ndarray:
+    """The strokes redrawn FINE_PEN px wide along their skeleton (eroding instead would wipe out
+    EMNIST's thinnest strokes before its thickest got thin)."""
+    return (ndimage.distance_transform_edt(~skeleton(ink >= 0.5)) <= FINE_PEN / 2).astype(np.float32)
+
+
+def skeleton(mask: np.ndarray) -> np.ndarray:
+    """Zhang & Suen's thinning (CACM 1984): peel boundary pixels that keep the shape connected."""
+    image = np.pad(mask, 1).astype(np.uint8)
+    while True:
+        changed = False
+        for step in (0, 1):
+            p = [np.roll(image, shift, (0, 1)) for shift in
+                 ((1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1))]  # P2..P9, clockwise from north
+            neighbours = sum(p)
+            ring = p + p[:1]
+            transitions = sum((ring[i] == 0) & (ring[i + 1] == 1) for i in range(8))
+            if step == 0:
+                clear = (p[0] * p[2] * p[4] == 0) & (p[2] * p[4] * p[6] == 0)
+            else:
+                clear = (p[0] * p[2] * p[6] == 0) & (p[0] * p[4] * p[6] == 0)
+            peel = (image == 1) & (neighbours >= 2) & (neighbours <= 6) & (transitions == 1) & clear
+            if peel.any():
+                image[peel] = 0
+                changed = True
+        if not changed:
+            return image[1:-1, 1:-1].astype(bool)
 
 
 def read_back(data: bytes, folder: Path, name: str) -> Image.Image:

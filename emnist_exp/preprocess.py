@@ -28,8 +28,9 @@ NIST_SIDE = 64  # the longer side of the character's ink at NIST scale, px: with
 BLUR_SIGMA = 1.0  # NIST px (the paper)
 BLUR_TRUNCATE = 2.0  # the blur's support in sigmas: where the stored images' faint edge stops
 BORDER = 6  # NIST px on each side of the blurred character's square: 2 px at 28
-STROKE_RANGE = (4.4, 12.4)  # stroke width in NIST px, 5th..95th percentile of the train images: wider
-                            # or thinner pens are eroded or dilated to the nearer bound
+STROKE_RANGE = (4.4, 12.4)  # stroke width in NIST px, 5th..95th percentile of the train images: pens
+                            # outside it are dilated or eroded (normalise_stroke)
+STROKE_TARGET = 7.6  # NIST px, the train images' median: what a pen thinner than the range is given
 INK_LEVEL = 0.5  # a NIST scan is binary: ink is where the character is at least half its full strength
 
 
@@ -141,11 +142,11 @@ def frame_character(ink: np.ndarray) -> np.ndarray:
     """One character's ink (any size, 0 = background) framed like EMNIST: 28x28 uint8, peak 255.
 
     The character is scaled to NIST size and made binary, its stroke width brought into EMNIST's
-    range, then EMNIST's steps: blur, crop, centre in a square with a border, bicubic to 28, 0..255.
+    range (`nist_mask`), then EMNIST's steps: blur, crop, centre in a square with a border, bicubic to 28, 0..255.
     """
     if not ink.any():
         raise UserError("no character found: the image is blank or has no contrast.")
-    mask = normalise_stroke(nist_mask(crop(ink)))
+    mask = nist_mask(crop(ink))
     blurred = ndimage.gaussian_filter(np.pad(mask.astype(np.float32), BORDER), BLUR_SIGMA, truncate=BLUR_TRUNCATE)
     square = centre_square(crop(np.where(blurred > 1e-3, blurred, 0.0)))
     field = np.clip(resize(square, (SIZE, SIZE), Image.Resampling.BICUBIC), 0.0, None)
@@ -159,19 +160,22 @@ def resize(patch: np.ndarray, shape: tuple[int, int], method: Image.Resampling) 
 
 
 def nist_mask(patch: np.ndarray) -> np.ndarray:
-    """The character scaled so that its ink (INK_LEVEL) spans NIST_SIDE (aspect kept), then binary like a NIST scan.
+    """The character scaled so that its ink (INK_LEVEL) spans NIST_SIDE (aspect kept), binary like a NIST
+    scan, with its stroke width brought into EMNIST's range.
 
     The size is taken at INK_LEVEL, not from the faintest ink, so that a blurred or a crisp image of
-    one character come out the same size.
+    one character come out the same size. A large image is made binary and its strokes adjusted at
+    full size, where a fine pen's line is still whole, and only then averaged down.
     """
-    patch = crop(np.where(patch >= INK_LEVEL * patch.max(), patch, 0.0)) if patch.any() else patch
+    patch = crop(np.where(patch >= INK_LEVEL * patch.max(), patch, 0.0))
     height, width = patch.shape
     factor = NIST_SIDE / max(height, width)
     shape = (max(1, round(height * factor)), max(1, round(width * factor)))
-    # Downsizing averages (thin strokes survive); enlarging interpolates, so the binary edge is smooth.
-    method = Image.Resampling.BOX if factor < 1 else Image.Resampling.BICUBIC
-    scaled = resize(patch, shape, method)
-    return scaled >= INK_LEVEL * scaled.max()
+    if factor < 1:
+        mask = normalise_stroke(patch >= INK_LEVEL * patch.max(), 1 / factor)
+        return resize(crop(mask).astype(np.float32), shape, Image.Resampling.BOX) >= 0.5
+    scaled = resize(patch, shape, Image.Resampling.BICUBIC)  # enlarging interpolates: the binary edge is smooth
+    return normalise_stroke(scaled >= INK_LEVEL * scaled.max())
 
 
 def stroke_width(mask: np.ndarray) -> float:
@@ -185,13 +189,19 @@ def stroke_width(mask: np.ndarray) -> float:
     return float(2 * distance[ridge].mean() - 1) if ridge.any() else 0.0
 
 
-def normalise_stroke(mask: np.ndarray) -> np.ndarray:
-    """Dilate a thinner pen than EMNIST's, erode a thicker one, to the nearer end of STROKE_RANGE."""
-    width, (low, high) = stroke_width(mask), STROKE_RANGE
+def normalise_stroke(mask: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Dilate a thinner pen than EMNIST's to its median width, erode a thicker one to STROKE_RANGE's top.
+
+    Thickening a fine pen to the median read better than to the range's bottom (its lines carry no
+    width of their own); thinning a broad pen further than the top lost more than it gained, as its
+    filled holes stay filled (benchmarks/own_images.py). `scale` is the mask's px per NIST px.
+    """
+    width = stroke_width(mask)
+    low, high = STROKE_RANGE[0] * scale, STROKE_RANGE[1] * scale
     if low <= width <= high:
         return mask
     if width < low:
-        radius = (low - width) / 2 + 0.5  # grown by whole pixels: round the radius rather than floor it
+        radius = (STROKE_TARGET * scale - width) / 2 + 0.5  # whole pixels: round the radius, don't floor it
         padded = np.pad(mask, int(np.ceil(radius)) + 1)
         return ndimage.distance_transform_edt(~padded) <= radius
     eroded = ndimage.distance_transform_edt(np.pad(mask, 1)) > (width - high) / 2

@@ -64,3 +64,21 @@ def test_strategies_benchmark_cross_fits_on_validation(tiny_study):
     assert all(rows["oracle (any member)"][1] >= rows[name][1] for name in rows)
     assert all(0.0 <= v <= 1.0 for pair in rows.values() for v in pair)
     assert "3 finished trials" in out and "2-fold cross-fitted" in out
+
+
+def test_own_images_benchmark_smoke(tiny_study, sample_dir):
+    """Every condition and the lines, on a few sample test images, with a tiny study's trial model."""
+    from emnist_exp import tracking
+
+    run = tracking.finished_trials(study=tiny_study["study"])[0]
+    out = run_script("own_images.py", "--smoke", "--model", f"runs:/{run.info.run_id}/model",
+                     "--sample", str(sample_dir))
+    rows = re.findall(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+) points$", out, flags=re.M)
+    assert len(rows) == 13, out  # 12 conditions and their mean
+    assert all(0 <= float(stored) <= 1 and 0 <= float(converted) <= 1 for _, stored, converted, _ in rows)
+    assert len({stored for _, stored, _, _ in rows}) == 1  # one as-stored accuracy, the same images throughout
+    lines = table(out)
+    found, total = lines["lines with every character found (none merged or split)"].split(" of ")
+    assert int(total) == 4 and 0 <= int(found) <= 4
+    assert re.match(r"^\d+ / \d+$", lines["characters in lines / segments found"])
+    assert "EMNIST train" in out and "stroke width >127" in out

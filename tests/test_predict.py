@@ -252,10 +252,9 @@ def test_a_pen_far_from_nists_is_brought_into_emnists_stroke_range(pen):
     draw = ImageDraw.Draw(image)
     draw.rectangle([40, 30, 40 + width - 1, 150], fill=INK)
     draw.rectangle([40, 150 - width + 1, 40 + 70, 150], fill=INK)
-    mask = preprocess.nist_mask(preprocess.crop(preprocess.clean(preprocess.page_ink(image))))
+    before = width * preprocess.NIST_SIDE / 121  # the drawn stroke at NIST scale (the L is 121 px tall)
+    after = preprocess.stroke_width(preprocess.nist_mask(preprocess.crop(preprocess.clean(preprocess.page_ink(image)))))
     low, high = preprocess.STROKE_RANGE
-    before = preprocess.stroke_width(mask)
-    after = preprocess.stroke_width(preprocess.normalise_stroke(mask))
     assert (before < low) if pen == "thin" else (before > high), before
     assert low - 1.0 <= after <= high + 1.0, (before, after)
 
@@ -335,3 +334,28 @@ def test_a_line_of_sample_characters_is_found_whole(sample_dir):
         segments, _ = segment.line_characters(Image.fromarray(own_images.page(ink)))
         assert len(segments) == len(chars), (start, len(segments), len(chars))
         assert [s.left for s in segments] == sorted(s.left for s in segments)
+
+
+def test_predict_line_prints_the_string_and_each_character(tiny_ensemble, tmp_path, capsys):
+    import mlflow
+
+    from emnist_exp import predict, segment
+
+    page, _ = line_page(["l", "o", "i", "o"], [15, 14, 80])
+    page.save(tmp_path / "note.png")
+    bad = [str(tmp_path / name) for name in bad_files(tmp_path)]
+    saved = tmp_path / "seen"
+    code = predict.main(["--line", str(tmp_path / "note.png"), *bad, "--save-preprocessed", str(saved)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(bad) and all(any(b in e for e in errors) for b in bad), err
+    head, *rows = out.splitlines()
+    segments, images = segment.line_characters(preprocess.load_image(tmp_path / "note.png"))
+    model = mlflow.pyfunc.load_model(f"models:/emnist-ensemble/{tiny_ensemble}")
+    expected = list(model.predict(np.stack(images).astype(np.float32))["character"])
+    assert head == f"{tmp_path / 'note.png'}  {segment.text(segments, expected)}"
+    assert len(expected) == 4 and " " in head.split("  ", 1)[1]
+    assert [row.split()[:2] for row in rows] == [[str(n), c] for n, c in enumerate(expected, 1)]
+    for n, image in enumerate(images, 1):
+        assert np.array_equal(np.asarray(Image.open(saved / f"note-{n:02d}.png")), image)
