@@ -160,23 +160,25 @@ def resize(patch: np.ndarray, shape: tuple[int, int], method: Image.Resampling) 
     return np.asarray(image.resize((shape[1], shape[0]), method))
 
 
-def nist_mask(patch: np.ndarray) -> np.ndarray:
+def nist_mask(patch: np.ndarray, *, stroke: bool = True) -> np.ndarray:
     """The character scaled so that its ink (INK_LEVEL) spans NIST_SIDE (aspect kept), binary like a NIST
     scan, with its stroke width brought into EMNIST's range.
 
     The size is taken at INK_LEVEL, not from the faintest ink, so that a blurred or a crisp image of
     one character come out the same size. A large image is made binary and its strokes adjusted at
-    full size, where a fine pen's line is still whole, and only then averaged down.
+    full size, where a fine pen's line is still whole, and only then averaged down. `stroke=False`
+    leaves the strokes as they are (to measure them).
     """
+    adjust = normalise_stroke if stroke else lambda mask, scale=1.0: mask
     patch = crop(np.where(patch >= INK_LEVEL * patch.max(), patch, 0.0))
     height, width = patch.shape
     factor = NIST_SIDE / max(height, width)
     shape = (max(1, round(height * factor)), max(1, round(width * factor)))
     if factor < 1:
-        mask = normalise_stroke(patch >= INK_LEVEL * patch.max(), 1 / factor)
+        mask = adjust(patch >= INK_LEVEL * patch.max(), 1 / factor)
         return resize(crop(mask).astype(np.float32), shape, Image.Resampling.BOX) >= 0.5
     scaled = resize(patch, shape, Image.Resampling.BICUBIC)  # enlarging interpolates: the binary edge is smooth
-    return normalise_stroke(scaled >= INK_LEVEL * scaled.max())
+    return adjust(scaled >= INK_LEVEL * scaled.max())
 
 
 def stroke_width(mask: np.ndarray) -> float:
