@@ -171,8 +171,6 @@ def compose_line(chars: list[np.ndarray], rng: np.random.Generator) -> tuple[np.
 
 def line_rows(model, images, labels, n_lines: int, rng, folder: Path) -> list[tuple[str, str]]:
     """Character accuracy in lines against the same characters alone, and segmentation counts."""
-    from emnist_exp.predict import class_scores
-
     found = exact = chars = right_line = spaces_right = space_total = 0
     single_inputs, line_inputs, truth, stored = [], [], [], []
     start = 0
@@ -200,12 +198,12 @@ def line_rows(model, images, labels, n_lines: int, rng, folder: Path) -> list[tu
             line_inputs.extend([None] * k)
         found += len(segments)
     truth = np.array(truth)
-    single = class_scores(model, np.stack(single_inputs)).argmax(axis=1) == truth
-    as_stored = class_scores(model, np.stack(stored)).argmax(axis=1) == truth
+    single = model.class_scores(np.stack(single_inputs)).argmax(axis=1) == truth
+    as_stored = model.class_scores(np.stack(stored)).argmax(axis=1) == truth
     have = [i for i, x in enumerate(line_inputs) if x is not None]
     in_line = np.zeros(len(truth), bool)
     if have:
-        in_line[have] = class_scores(model, np.stack([line_inputs[i] for i in have])).argmax(axis=1) == truth[have]
+        in_line[have] = model.class_scores(np.stack([line_inputs[i] for i in have])).argmax(axis=1) == truth[have]
     right_line = int(in_line.sum())
     return [
         ("lines (3-10 characters, gaps >= 0.25 median widths)", f"{n_lines}"),
@@ -258,14 +256,12 @@ def geometry_table(folder: str, count: int, seed: int, work: Path) -> list[str]:
 
 
 def condition_rows(model, images, labels, rng, folder: Path) -> list[tuple[str, float, float]]:
-    from emnist_exp.predict import class_scores
-
-    stored = accuracy(class_scores(model, images), labels)
+    stored = accuracy(model.class_scores(images), labels)
     rows = []
     for name, (side, how) in CONDITIONS.items():
         converted = np.stack([preprocess.to_emnist(read_back(render(im, side, how, rng), folder, "c.png"))
                               for im in images])
-        rows.append((name, stored, accuracy(class_scores(model, converted), labels)))
+        rows.append((name, stored, accuracy(model.class_scores(converted), labels)))
     return rows
 
 
@@ -291,9 +287,9 @@ def main() -> None:
             return
         if not args.model:
             sys.exit("error: --model is needed for the accuracy tables.")
-        from emnist_exp import evaluate
+        from emnist_exp import serving
 
-        model = evaluate.load_model(args.model)
+        model = serving.load_model(args.model)
         images, labels = load_test(args.sample, args.images, args.seed)
         rng = np.random.default_rng(args.seed)
         start = time.perf_counter()

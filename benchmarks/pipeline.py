@@ -18,7 +18,7 @@ SAMPLE = "idx:../shared/data/emnist-bymerge-sample"
 
 def pipeline_rate(dataset: str, augment: bool, batches: int, batch_size: int, elastic: float = 0.0) -> float:
     from emnist_exp import data, model
-    from emnist_exp.search import TrialSpec
+    from emnist_exp.spec import TrialSpec
 
     splits = data.load_splits(dataset)
     spec = TrialSpec(augment=augment, rotation=10, shift=0.08, zoom=0.08, elastic=elastic)
@@ -39,7 +39,7 @@ def training_rate(steps: int, batch_size: int) -> float:
     import tensorflow as tf
 
     from emnist_exp import model
-    from emnist_exp.search import TrialSpec
+    from emnist_exp.spec import TrialSpec
 
     spec = TrialSpec(batch_size=batch_size)
     net = model.compile_model(model.build_model(spec, 47), spec, steps, 1)

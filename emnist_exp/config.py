@@ -86,7 +86,7 @@ def _check(cfg: Config) -> Config:
     for ok, message in rules:
         if not ok:
             raise UserError(message + ".")
-    from emnist_exp.search import SPACES  # noqa: PLC0415 (search imports keras lazily)
+    from emnist_exp.search import SPACES  # noqa: PLC0415 (keeps --help free of Optuna)
 
     if cfg.space not in SPACES:
         raise UserError(f"space must be one of {', '.join(SPACES)}, got {cfg.space!r}.")
@@ -125,4 +125,8 @@ def resolve(overrides: dict[str, Any]) -> Config:
     if given.get("preset"):
         values.update(load_preset(given["preset"]))
     values.update({k: _coerce(k, v) for k, v in given.items()})
+    if "space" in values:
+        from emnist_exp.search import space_name  # noqa: PLC0415
+
+        values["space"] = space_name(values["space"])
     return _check(Config(**values))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -92,9 +95,28 @@ def _reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def preparation_lock(data_dir: str | None):
+    """One preparer per tfds folder on this machine: local workers starting together would each prepare."""
+    import fcntl  # noqa: PLC0415
+
+    folder = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    key = hashlib.sha1(os.path.realpath(os.path.expanduser(folder)).encode()).hexdigest()[:16]
+    with open(os.path.join(tempfile.gettempdir(), f"emnist_exp-prepare-{key}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def open_source(spec: str, data_dir: str | None = None) -> Source:
     """Resolve a dataset SPEC (`emnist/bymerge`, `idx:<folder>`, `synthetic[:N]`) to a prepared builder."""
     data_dir = data_dir or None
+    with preparation_lock(data_dir):
+        builder = _prepared_builder(spec, data_dir)
+    classes = label_names(builder)
+    return Source(spec, builder, classes, builder.name in TRANSPOSED_BUILDERS)
+
+
+def _prepared_builder(spec: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     if spec.startswith("idx:"):
         from emnist_exp.builders.idx import idx_builder  # noqa: PLC0415
 
@@ -110,8 +132,7 @@ def open_source(spec: str, data_dir: str | None = None) -> Source:
         builder = _tfds_builder(spec, data_dir)
     else:
         raise UserError(f"unknown dataset {spec!r}: use emnist/bymerge, idx:<folder> or synthetic[:N].")
-    classes = label_names(builder)
-    return Source(spec, builder, classes, builder.name in TRANSPOSED_BUILDERS)
+    return builder
 
 
 def label_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:

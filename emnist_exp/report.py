@@ -9,7 +9,7 @@ import sys
 import time
 
 from emnist_exp.errors import UserError, cli_main
-from emnist_exp.search import TrialSpec
+from emnist_exp.spec import TrialSpec
 
 FOLDER = "report"  # artifact folder in the study's parent run
 HYPERPARAMETERS = [f.name for f in dataclasses.fields(TrialSpec)]
@@ -195,6 +195,9 @@ def markdown(study: str, trials: list[dict], ensembles: list[dict], plots: list[
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from emnist_exp import console  # noqa: PLC0415
+
+    console.quiet()
     from emnist_exp import tracking  # noqa: PLC0415
 
     study = args.study or tracking.latest_study()

@@ -2,40 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+import sys
 from typing import Any, Callable
 
 import optuna
 
-
-@dataclass(frozen=True, kw_only=True)
-class TrialSpec:
-    """One CNN variant and how to train it. Defaults are the seed (Kaggle) recipe."""
-
-    # architecture: the seed CNN, widths 1x, 2x, 4x of `width`
-    width: int = 32
-    dropout: float = 0.4
-    batch_norm: bool = True
-    # augmentation (training only; never flips: they turn characters into other characters)
-    augment: bool = False
-    rotation: float = 0.0  # degrees, both ways
-    shift: float = 0.0  # fraction of the image, both axes
-    zoom: float = 0.0  # fraction, in and out
-    elastic: float = 0.0  # keras RandomElasticTransform scale; 0 = off
-    # optimisation
-    learning_rate: float = 1e-3
-    schedule: str = "exp"  # exp: lr*0.95^epoch (the seed); cosine; onecycle
-    batch_size: int = 32
-    label_smoothing: float = 0.0
-
-    def params(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def short_name(self) -> str:
-        """What a run list should show at a glance."""
-        on = lambda flag: "on" if flag else "off"  # noqa: E731
-        return f"aug={on(self.augment)} bn={on(self.batch_norm)} drop={self.dropout:.2f}"
+from emnist_exp.spec import TrialSpec
 
 
 def _augmentation(trial: optuna.Trial, max_rotation: float = 20.0) -> dict[str, Any]:
@@ -51,7 +23,7 @@ def _augmentation(trial: optuna.Trial, max_rotation: float = 20.0) -> dict[str, 
 
 
 def full_space(trial: optuna.Trial) -> TrialSpec:
-    """Everything the mission names: augmentation, dropout, BN, width, lr, schedule, batch, smoothing."""
+    """Every knob of TrialSpec: augmentation, dropout, BN, width, lr, schedule, batch, smoothing."""
     return TrialSpec(
         **_augmentation(trial),
         dropout=trial.suggest_float("dropout", 0.0, 0.5),
@@ -64,8 +36,8 @@ def full_space(trial: optuna.Trial) -> TrialSpec:
     )
 
 
-def seed_space(trial: optuna.Trial) -> TrialSpec:
-    """The seed recipe with nothing searched: a baseline, and members that differ only by seed."""
+def kaggle_space(trial: optuna.Trial) -> TrialSpec:
+    """The Kaggle recipe with nothing searched: a baseline, and members that differ only by random seed."""
     return TrialSpec()
 
 
@@ -94,13 +66,25 @@ def tuned_space(trial: optuna.Trial) -> TrialSpec:
 SPACES: dict[str, Callable[[optuna.Trial], TrialSpec]] = {
     "full": full_space,
     "tuned": tuned_space,
-    "seed": seed_space,
+    "kaggle": kaggle_space,
 }
+# Old names still accepted: "seed" also meant the random seed, so the baseline space was renamed.
+DEPRECATED_SPACES = {"seed": "kaggle"}
+
+
+def space_name(name: str) -> str:
+    """The current name of a search space, saying once on stderr when an old name is used."""
+    if name in DEPRECATED_SPACES:
+        new = DEPRECATED_SPACES[name]
+        print(f"note: space {name!r} is now called {new!r}; the old name will go in a later version.",
+              file=sys.stderr)
+        return new
+    return name
 
 
 def suggest_spec(trial: optuna.Trial, space: str = "full") -> TrialSpec:
     """Ask the trial for a TrialSpec from the named search space."""
-    return SPACES[space](trial)
+    return SPACES[DEPRECATED_SPACES.get(space, space)](trial)
 
 
 def spec_from_params(params: dict[str, Any], space: str = "full") -> TrialSpec:

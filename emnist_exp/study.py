@@ -1,124 +1,30 @@
-"""The Optuna side of a worker: storage, sampler, pruner, and the objective that trains one trial."""
+"""An Optuna study and one worker's part in it: sampler, pruner, the study-wide trial cap, stale-trial retries."""
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import socket
 import sys
 import time
 import warnings
 from typing import Any
 
-import keras
 import numpy as np
 import optuna
 
-from emnist_exp import data, tracking, trainer
+from emnist_exp import storage as storages, tracking
 from emnist_exp.config import Config
-from emnist_exp.errors import UserError
-from emnist_exp.search import suggest_spec
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"  # beside mlflow.db, MLflow 3's default store
-HEARTBEAT_SECONDS = 60  # a worker silent for GRACE seconds has its trial failed and retried
-GRACE_SECONDS = 180
-SQLITE_TIMEOUT = 120  # seconds a local worker waits on another's write lock
-CONNECT_TIMEOUT = 10  # seconds before an unreachable database server is reported
 MAX_RETRY = 3  # a trial whose worker died runs again at most this often
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
-CREATE_RACE = re.compile(r"already exists|duplicate key|UNIQUE constraint failed")  # two workers, one new database
-URL_SHAPE = "dialect[+driver]://user[:password]@host[:port]/database, or sqlite:///file.db"
 
 
-def quiet_libraries() -> None:
-    """Our own progress lines replace Optuna's per-trial INFO and TensorFlow's retracing notes."""
-    import tensorflow as tf  # noqa: PLC0415
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    tf.get_logger().setLevel("ERROR")
-
-
-def redact(url: str) -> str:
-    """The storage URL without its password, fit for logs and error messages (even when malformed)."""
-    url = re.sub(r"(//[^/:@]*):[^/]*@", r"\1:***@", url)  # user:password@host, up to the last @
-    return re.sub(r"(password=)[^&]*", r"\1***", url)
-
-
-def storage_url(url: str) -> "sqlalchemy.engine.URL":  # noqa: F821
-    """Parse and check a storage URL: its shape, its dialect and that its driver is installed."""
-    from sqlalchemy.engine import make_url  # noqa: PLC0415
-    from sqlalchemy.exc import NoSuchModuleError  # noqa: PLC0415
-
-    if url.count("@") > 1:
-        raise UserError(f"storage URL {redact(url)} is malformed: percent-encode an @ in the password as %40.")
-    try:
-        parsed = make_url(url)
-    except Exception:  # noqa: BLE001 (ArgumentError, or ValueError for a port that is no number)
-        raise UserError(f"storage URL {redact(url)} is malformed: expected {URL_SHAPE}.") from None
-    if parsed.drivername == "postgresql" and not _importable("psycopg") and _importable("psycopg2"):
-        parsed = parsed.set(drivername="postgresql+psycopg2")  # SQLAlchemy 2.1 defaults to psycopg 3
-    try:
-        dialect = parsed.get_dialect()
-    except NoSuchModuleError:
-        raise UserError(f"storage URL {redact(url)} names an unknown database or driver {parsed.drivername!r}: "
-                        "use sqlite:///file.db or postgresql://user@host/database.") from None
-    try:
-        dialect.import_dbapi()
-    except ImportError as exc:
-        raise UserError(f"storage URL {redact(url)} needs the Python module {exc.name!r}, "
-                        "which is not installed.") from None
-    return parsed
-
-
-def _importable(module: str) -> bool:
-    import importlib.util  # noqa: PLC0415
-
-    return importlib.util.find_spec(module) is not None
-
-
-def open_storage(url: str, *, heartbeat_interval: int = HEARTBEAT_SECONDS, grace_period: int = GRACE_SECONDS
-                 ) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats: a worker silent for grace_period seconds has its trial failed and retried."""
-    url = url or DEFAULT_STORAGE
-    parsed = storage_url(url)
-    engine_kwargs = {}
-    if parsed.get_backend_name() == "sqlite":
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT}}
-    elif parsed.get_backend_name() == "postgresql":
-        engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9, and we rely on them
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return _create_storage(parsed.render_as_string(hide_password=False), engine_kwargs,
-                                   heartbeat_interval, grace_period)
-    except Exception as exc:  # noqa: BLE001 (sqlalchemy and driver errors alike)
-        raise UserError(f"cannot open Optuna storage {redact(url)}: {_reason(exc, parsed.password)}.") from None
-
-
-def _create_storage(url: str, engine_kwargs: dict, heartbeat_interval: int, grace_period: int,
-                    attempts: int = 3) -> optuna.storages.RDBStorage:
-    """Workers that start together on a fresh database race to create its tables: the losers try again."""
-    import sqlalchemy.exc  # noqa: PLC0415
-
-    for attempt in range(attempts):
-        try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period, heartbeat_stale_trial_callback=RetryStaleTrial(MAX_RETRY),
-            )
-        except sqlalchemy.exc.DBAPIError as exc:
-            if attempt == attempts - 1 or not CREATE_RACE.search(str(exc)):
-                raise
-            time.sleep(1 + attempt)
-    raise AssertionError("unreachable")
-
-
-def _reason(exc: Exception, password: str | None) -> str:
-    """The driver's first line, e.g. 'connection to server ... failed: Connection refused', password scrubbed."""
-    text = str(getattr(exc, "orig", None) or exc) or type(exc).__name__
-    reason = " ".join(text.strip().splitlines()[0].split()).rstrip(".")
-    return reason.replace(password, "***") if password else reason
+def open_study(cfg: Config) -> optuna.Study:
+    """This worker's study on its storage (created by the first worker), with heartbeats and retries."""
+    storage = storages.open_storage(cfg.storage or storages.DEFAULT_STORAGE,
+                                    heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
+                                    on_stale_trial=RetryStaleTrial(MAX_RETRY))
+    return make_study(cfg, storage)
 
 
 class RetryStaleTrial:
@@ -246,66 +152,6 @@ def worker_callbacks(cfg: Config, study: optuna.Study) -> list | None:
             return None
         callbacks.append(cap)
     return callbacks
-
-
-class PruningCallback(keras.callbacks.Callback):
-    """Report validation accuracy each epoch; stop training when the pruner says so."""
-
-    def __init__(self, trial: optuna.Trial):
-        super().__init__()
-        self.trial = trial
-        self.pruned_at: int | None = None
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        value = float((logs or {}).get("val_accuracy", float("nan")))
-        if not math.isfinite(value):
-            return
-        self.trial.report(value, step=epoch)
-        if self.trial.should_prune():
-            self.pruned_at = epoch
-            self.model.stop_training = True
-
-
-class Objective:
-    """Train one trial on data loaded once; every trial is a nested MLflow run."""
-
-    def __init__(self, cfg: Config, splits: data.Splits):
-        self.cfg = cfg
-        self.splits = splits
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        cfg, splits = self.cfg, self.splits
-        spec = suggest_spec(trial, cfg.space)
-        seed = cfg.seed + trial.number
-        # What it takes to rebuild this trial's splits (the ensemble's fallback to inference).
-        extra = {"dataset": cfg.dataset, "val_fraction": cfg.val_fraction, "max_examples": cfg.max_examples,
-                 "data_dir": cfg.data_dir, "n_train": splits.counts["train"], "max_epochs": cfg.epochs}
-        trial.set_user_attr("worker", WORKER)  # which machine and process ran (or lost) this trial
-        with tracking.trial_run(cfg.study, trial.number, spec, seed, extra) as run:
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            pruning = PruningCallback(trial)
-            result = trainer.train_spec(spec, splits, epochs=cfg.epochs, patience=cfg.patience, seed=seed,
-                                        shuffle_buffer=cfg.shuffle_buffer,
-                                        callbacks=[pruning, tracking.EpochLogger()])
-            if result.diverged:
-                tracking.set_state("FAIL")
-                print(f"trial {trial.number}: loss became NaN; the trial fails and the study goes on")
-                return float("nan")  # Optuna records a NaN objective as FAIL
-            if pruning.pruned_at is not None:
-                raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at + 1}")
-            self._log(result, spec)
-            tracking.set_state("COMPLETE")
-            return result.val_accuracy
-
-    def _log(self, result: trainer.TrainResult, spec) -> None:
-        images = wrong = None
-        if result.test_probs is not None:
-            wrong = np.flatnonzero(result.test_probs.argmax(axis=1) != result.test_labels)[:48]
-            images = data.images_at(self.splits.test, wrong)
-        tracking.log_trial_result(result, spec, self.splits.classes, param_count=result.model.count_params(),
-                                  test_images=images, wrong_index=wrong)
-        tracking.log_keras_model(result.model, self.splits.classes,
-                                 data.images_at(self.splits.val, range(min(4, self.splits.counts["val"]))))
 
 
 class Progress:

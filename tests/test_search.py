@@ -6,7 +6,8 @@ import optuna
 import pytest
 
 from emnist_exp.model import build_augmenter, build_model
-from emnist_exp.search import SPACES, TrialSpec, spec_from_params, suggest_spec
+from emnist_exp.search import SPACES, spec_from_params, suggest_spec
+from emnist_exp.spec import TrialSpec
 
 
 def test_fixed_trial_gives_the_spec_it_describes():
@@ -38,8 +39,8 @@ def test_every_space_samples_buildable_specs(space):
         study.tell(trial, 0.5)
 
 
-def test_seed_space_is_the_seed_recipe():
-    spec = suggest_spec(optuna.trial.FixedTrial({}), "seed")
+def test_kaggle_space_is_the_kaggle_recipe():
+    spec = suggest_spec(optuna.trial.FixedTrial({}), "kaggle")
     assert (spec.width, spec.dropout, spec.batch_norm, spec.augment) == (32, 0.4, True, False)
     assert (spec.learning_rate, spec.schedule, spec.batch_size) == (1e-3, "exp", 32)
     model = build_model(spec, 47)
@@ -62,5 +63,14 @@ def test_parallel_workers_draw_different_trials_and_one_worker_repeats(tmp_path)
         return [suggest_spec(first.ask(), "tuned"), suggest_spec(second.ask(), "tuned")]
 
     run = two_workers(tmp_path / "a.db")
-    assert run[0] != run[1]  # one seed in both workers' samplers used to give both the same trial
+    assert run[0] != run[1]  # one seed in both workers' samplers, yet two different trials
     assert run == two_workers(tmp_path / "b.db")  # and the seed still makes a study reproducible
+
+
+def test_old_space_name_seed_still_works_with_one_line_of_notice(capsys):
+    from emnist_exp.config import resolve
+
+    cfg = resolve({"space": "seed"})
+    assert cfg.space == "kaggle"
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and "'seed' is now called 'kaggle'" in notice[0]

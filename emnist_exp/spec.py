@@ -1,0 +1,39 @@
+"""TrialSpec: one CNN variant and how to train it, as plain data (no Optuna, no Keras)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialSpec:
+    """One CNN variant and how to train it. Defaults are the Kaggle EMNIST/MNIST recipe.
+
+    The recipe: https://www.kaggle.com/code/cdeotte/25-million-images-0-99757-mnist
+    """
+
+    # architecture: the Kaggle CNN, widths 1x, 2x, 4x of `width`
+    width: int = 32
+    dropout: float = 0.4
+    batch_norm: bool = True
+    # augmentation (training only; never flips: they turn characters into other characters)
+    augment: bool = False
+    rotation: float = 0.0  # degrees, both ways
+    shift: float = 0.0  # fraction of the image, both axes
+    zoom: float = 0.0  # fraction, in and out
+    elastic: float = 0.0  # keras RandomElasticTransform scale; 0 = off
+    # optimisation
+    learning_rate: float = 1e-3
+    schedule: str = "exp"  # exp: lr*0.95^epoch (the Kaggle recipe); cosine; onecycle
+    batch_size: int = 32
+    label_smoothing: float = 0.0
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def short_name(self) -> str:
+        """What a run list should show at a glance."""
+        on = lambda flag: "on" if flag else "off"  # noqa: E731
+        return f"aug={on(self.augment)} bn={on(self.batch_norm)} drop={self.dropout:.2f}"
