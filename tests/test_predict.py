@@ -340,6 +340,7 @@ def test_a_line_of_sample_characters_is_found_whole(sample_dir):
         assert [s.left for s in segments] == sorted(s.left for s in segments)
 
 
+@pytest.mark.slow
 def test_predict_line_prints_the_string_and_each_character(tiny_ensemble, tmp_path, capsys):
     import mlflow
 
