@@ -256,12 +256,19 @@ def geometry_table(folder: str, count: int, seed: int, work: Path) -> list[str]:
 
 
 def condition_rows(model, images, labels, rng, folder: Path) -> list[tuple[str, float, float]]:
+    """(condition, accuracy as stored, after predict's conversion), each row printed as it is measured."""
     stored = accuracy(model.class_scores(images), labels)
+    width = max(len(name) for name in CONDITIONS)
+    print(f"{'condition':<{width}}  as stored  converted  change", flush=True)
     rows = []
     for name, (side, how) in CONDITIONS.items():
         converted = np.stack([preprocess.to_emnist(read_back(render(im, side, how, rng), folder, "c.png"))
                               for im in images])
         rows.append((name, stored, accuracy(model.class_scores(converted), labels)))
+        print(f"{name:<{width}}  {stored:9.4f}  {rows[-1][2]:9.4f}  {100 * (rows[-1][2] - stored):+.2f} points",
+              flush=True)
+    mean = np.mean([c - s for _, s, c in rows])
+    print(f"{'mean over conditions':<{width}}  {stored:9.4f}  {stored + mean:9.4f}  {100 * mean:+.2f} points")
     return rows
 
 
@@ -272,6 +279,7 @@ def main() -> None:
                         help="the EMNIST sample folder (default: EMNIST_SAMPLE_DIR, else " + SAMPLE + ")")
     parser.add_argument("--images", type=int, default=3000, help="test images per condition")
     parser.add_argument("--lines", type=int, default=300, help="composed lines")
+    parser.add_argument("--train-images", type=int, default=3000, help="train images for the geometry table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--geometry", action="store_true", help="print only the geometry table (no model)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: a check that the script runs")
@@ -282,7 +290,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        print("\n".join(geometry_table(args.sample, 200 if args.smoke else 3000, args.seed, work)))
+        print("\n".join(geometry_table(args.sample, 200 if args.smoke else args.train_images, args.seed, work)),
+              flush=True)
         if args.geometry:
             return
         if not args.model:
@@ -293,14 +302,8 @@ def main() -> None:
         images, labels = load_test(args.sample, args.images, args.seed)
         rng = np.random.default_rng(args.seed)
         start = time.perf_counter()
-        rows = condition_rows(model, images, labels, rng, work)
         print(f"\nmodel {args.model}; {len(images)} test images of the sample; stand-in: enlarged EMNIST images")
-        width = max(len(r[0]) for r in rows)
-        print(f"{'condition':<{width}}  as stored  converted  change")
-        for name, stored, converted in rows:
-            print(f"{name:<{width}}  {stored:9.4f}  {converted:9.4f}  {100 * (converted - stored):+.2f} points")
-        mean = np.mean([c - s for _, s, c in rows])
-        print(f"{'mean over conditions':<{width}}  {rows[0][1]:9.4f}  {rows[0][1] + mean:9.4f}  {100 * mean:+.2f} points")
+        condition_rows(model, images, labels, rng, work)
         lines = line_rows(model, images, labels, args.lines, rng, work)
         width = max(len(r[0]) for r in lines)
         print()

@@ -28,9 +28,9 @@ NIST_SIDE = 64  # the longer side of the character's ink at NIST scale, px: with
 BLUR_SIGMA = 1.0  # NIST px (the paper)
 BLUR_TRUNCATE = 2.0  # the blur's support in sigmas: where the stored images' faint edge stops
 BORDER = 6  # NIST px on each side of the blurred character's square: 2 px at 28
-STROKE_RANGE = (4.4, 12.4)  # stroke width in NIST px, 5th..95th percentile of the train images: pens
+STROKE_RANGE = (3.8, 11.9)  # stroke width in NIST px, 5th..95th percentile of the train images: pens
                             # outside it are dilated or eroded (normalise_stroke)
-STROKE_TARGET = 7.6  # NIST px, the train images' median: what a pen thinner than the range is given
+STROKE_TARGET = 6.6  # NIST px, the train images' median: what a pen thinner than the range is given
 ERODE_PASSES = 3  # erode, measure again: enough for a stroke 3x EMNIST's widest
 INK_LEVEL = 0.5  # a NIST scan is binary: ink is where the character is at least half its full strength
 
