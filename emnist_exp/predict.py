@@ -21,7 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "EMNIST framed its scans. Prints file, character, confidence and the top 3, one line per file; with "
         "--line, the string read from each file and one line per character.",
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one character each")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one character each (a line each "
+                        "with --line)")
     parser.add_argument("--model", default=None, help="an MLflow model URI: models:/emnist-ensemble/<version>, "
                         "runs:/<id>/model, ... (default: the latest registered emnist-ensemble version)")
     parser.add_argument("--line", action="store_true", help="each image is a short line or word of separate "

@@ -35,7 +35,6 @@ ERODE_PASSES = 3  # erode, measure again: enough for a stroke 3x EMNIST's widest
 INK_LEVEL = 0.5  # a NIST scan is binary: ink is where the character is at least half its full strength
 
 
-
 def load_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image file, or raise a UserError that says in one sentence what is wrong."""
     path = Path(path)
