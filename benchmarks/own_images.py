@@ -27,7 +27,7 @@ from scipy import ndimage
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from emnist_exp import preprocess, segment  # noqa: E402
-from emnist_exp.builders.idx import read_idx  # noqa: E402
+from emnist_exp.builders.idx import IdxStream, read_labels  # noqa: E402
 
 SAMPLE = "../shared/data/emnist-bymerge-sample"
 PAPER, INK = 235, 25  # a white page and a dark pen
@@ -53,10 +53,15 @@ THIN_RADIUS = 4  # px at 300 px: ~20 px strokes; EMNIST's thinnest (~20 px) keep
 FINE_PEN = 6  # px at 300 px: a fineliner, a fifth of EMNIST's median stroke, every stroke alike
 
 
+def read_images(path: str) -> np.ndarray:
+    """All images of one gzip IDX3 file, as stored (transposed)."""
+    return np.concatenate(list(IdxStream(path, "images").blocks()))
+
+
 def load_test(folder: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """`count` test images (upright uint8) and labels, a seeded random choice."""
-    images = read_idx(str(Path(folder) / "emnist-bymerge-test-images-idx3-ubyte.gz"), "images")
-    labels = read_idx(str(Path(folder) / "emnist-bymerge-test-labels-idx1-ubyte.gz"), "labels")
+    images = read_images(str(Path(folder) / "emnist-bymerge-test-images-idx3-ubyte.gz"))
+    labels = read_labels(str(Path(folder) / "emnist-bymerge-test-labels-idx1-ubyte.gz"))
     pick = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
     return np.ascontiguousarray(images[pick].transpose(0, 2, 1)), labels[pick].astype(np.int64)
 
@@ -227,7 +232,7 @@ def encode(paper: np.ndarray) -> bytes:
 
 
 def train_images(folder: str, count: int, seed: int) -> np.ndarray:
-    images = read_idx(str(Path(folder) / "emnist-bymerge-train-images-idx3-ubyte.gz"), "images")
+    images = read_images(str(Path(folder) / "emnist-bymerge-train-images-idx3-ubyte.gz"))
     pick = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
     return np.ascontiguousarray(images[pick].transpose(0, 2, 1))
 

@@ -223,10 +223,10 @@ def test_predict_without_a_registered_ensemble_says_what_to_run(tmp_path, capsys
 
 
 def sample_images(folder, split: str, count: int) -> np.ndarray:
-    from emnist_exp.builders.idx import read_idx
+    from emnist_exp.builders.idx import IdxStream
 
-    images = read_idx(str(folder / f"emnist-bymerge-{split}-images-idx3-ubyte.gz"), "images")
-    return np.ascontiguousarray(images[:count].transpose(0, 2, 1))  # upright
+    blocks = IdxStream(str(folder / f"emnist-bymerge-{split}-images-idx3-ubyte.gz"), "images").blocks(count)
+    return np.ascontiguousarray(next(blocks).transpose(0, 2, 1))  # upright
 
 
 def scan(image: np.ndarray, side: int = 128) -> Image.Image:
