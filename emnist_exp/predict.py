@@ -17,19 +17,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m emnist_exp.predict",
         description="Predict the character in each image file (PNG, JPEG, BMP, ...; any size; RGB, RGBA, grey or "
-        "16-bit). Each image is first made what EMNIST models get: grey, white on black, cropped, longer side "
-        "20 px, centred by mass in 28x28. Prints file, character, confidence and the top 3, one line per file.",
+        "16-bit). Each image is first made what EMNIST models get: grey, white on black, framed in 28x28 as "
+        "EMNIST framed its scans. Prints file, character, confidence and the top 3, one line per file; with "
+        "--line, the string read from each file and one line per character.",
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one character each")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one character each (a line each "
+                        "with --line)")
     parser.add_argument("--model", default=None, help="an MLflow model URI: models:/emnist-ensemble/<version>, "
                         "runs:/<id>/model, ... (default: the latest registered emnist-ensemble version)")
+    parser.add_argument("--line", action="store_true", help="each image is a short line or word of separate "
+                        "(not joined-up) characters: print the string, then each character with its top 3")
     parser.add_argument("--save-preprocessed", "--save_preprocessed", dest="save_preprocessed", metavar="DIR",
                         default=None, help="also write the 28x28 images given to the model into DIR")
     return parser.parse_args(argv)
 
 
-def prepare(paths: list[str]) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
-    """(file, 28x28 image) for every readable file, and the files that failed (each told on stderr)."""
+def prepare(paths: list[str], convert=None) -> tuple[list[tuple[str, object]], list[str]]:
+    """(file, convert(image)) for every readable file, and the files that failed (each told on stderr).
+
+    `convert` is preprocess.to_emnist (one 28x28 image) unless given, e.g. segment.line_characters.
+    """
     from emnist_exp.preprocess import load_image, to_emnist  # noqa: PLC0415
 
     images, failed = [], []
@@ -37,7 +44,7 @@ def prepare(paths: list[str]) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
         try:
             image = load_image(path)  # its sentences name the file
             try:
-                images.append((path, to_emnist(image)))
+                images.append((path, (convert or to_emnist)(image)))
             except UserError as exc:
                 raise UserError(f"{path}: {exc}") from None
         except UserError as exc:
@@ -88,13 +95,35 @@ def line(path: str, top: list[tuple[str, float]], width: int) -> str:
     return f"{path:<{width}}  {character}  {confidence:.3f}   top {len(top)}: {others}"
 
 
+def read_lines(model, lines: list[tuple[str, tuple]]) -> None:
+    """Print each file's string, then one row per character (its number, as in `line`)."""
+    from emnist_exp.segment import text  # noqa: PLC0415
+
+    for path, (segments, images) in lines:
+        tops = ranked(model, np.stack(images))
+        print(f"{path}  {text(segments, [top[0][0] for top in tops])}")
+        for number, top in enumerate(tops, 1):
+            print(line(f"  {number}", top, len(str(len(tops))) + 2))
+
+
+def segment_images(lines: list[tuple[str, tuple]]) -> list[tuple[str, np.ndarray]]:
+    """(<file>-<n>, 28x28) for each character of each line, as --save-preprocessed names them."""
+    return [(f"{Path(path).stem}-{n:02d}", image) for path, (_, images) in lines for n, image in enumerate(images, 1)]
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from emnist_exp import console  # noqa: PLC0415
 
     console.quiet()
-    images, failed = prepare(args.images)
+    if args.line:
+        from emnist_exp.segment import line_characters  # noqa: PLC0415
+
+        lines, failed = prepare(args.images, line_characters)
+        images = segment_images(lines)
+    else:
+        images, failed = prepare(args.images)
     if images and args.save_preprocessed:
         save_preprocessed(images, args.save_preprocessed)
     if images:
@@ -103,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         uri = args.model or default_model()
         model = serving.load_model(uri)
         print(f"model {uri}", file=sys.stderr)
+        if args.line:
+            read_lines(model, lines)
+            return 1 if failed else 0
         width = max(len(path) for path, _ in images)
         for (path, _), top in zip(images, ranked(model, np.stack([image for _, image in images]))):
             print(line(path, top, width))

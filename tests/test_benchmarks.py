@@ -144,3 +144,20 @@ def test_members_benchmark_smoke(workdir, tmp_path):
                        r"([\d.e+-]+), same class ([\d.]+)%$", out, re.M)
     assert [g[0] for g in graph] == [".keras", "SavedModel"], out
     assert all(float(g[3]) <= 2.0**-11 for g in graph)  # float16's step below 1: the pyfunc's own rounding
+
+def test_own_images_benchmark_smoke(tiny_study, sample_dir):
+    """Every condition and the lines, on a few sample test images, with a tiny study's trial model."""
+    from emnist_exp import tracking
+
+    run = tracking.finished_trials(study=tiny_study["study"])[0]
+    out = run_script("own_images.py", "--smoke", "--model", f"runs:/{run.info.run_id}/model",
+                     "--sample", str(sample_dir))
+    rows = re.findall(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+) points$", out, flags=re.M)
+    assert len(rows) == 13, out  # 12 conditions and their mean
+    assert all(0 <= float(stored) <= 1 and 0 <= float(converted) <= 1 for _, stored, converted, _ in rows)
+    assert len({stored for _, stored, _, _ in rows}) == 1  # one as-stored accuracy, the same images throughout
+    lines = table(out)
+    found, total = lines["lines with every character found (none merged or split)"].split(" of ")
+    assert int(total) == 4 and 0 <= int(found) <= 4
+    assert re.match(r"^\d+ / \d+$", lines["characters in lines / segments found"])
+    assert "EMNIST train" in out and "stroke width >127" in out

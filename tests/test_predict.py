@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
-from scipy import ndimage
+from PIL import Image, ImageDraw, ImageOps
 
 from emnist_exp import preprocess
 from emnist_exp.classes import BYMERGE_CLASSES
@@ -29,16 +29,14 @@ def draw_l(size=(320, 200), left=210, top=40, paper=PAPER, ink=INK, mode="L") ->
 
 
 def assert_model_input(out: np.ndarray) -> None:
-    """28x28 uint8, white on black, longer side ~20 px, centred by mass, upright, aspect 1:2 kept."""
+    """28x28 uint8, white on black, framed like EMNIST (box centred, ink >127 22 px long), upright, aspect kept."""
     assert out.shape == (28, 28) and out.dtype == np.uint8
     assert out.max() == 255
     assert not np.concatenate([out[0], out[-1], out[:, 0], out[:, -1]]).any(), "the background must be black"
     assert (out > 127).mean() < 0.35, "mostly background: white ink on black, not inverted"
-    ys, xs = np.nonzero(out > 0.25 * 255)
-    height, width = np.ptp(ys) + 1, np.ptp(xs) + 1
-    assert 19 <= height <= 21 and 9 <= width <= 12, (height, width)
-    cy, cx = ndimage.center_of_mass(out.astype(float))
-    assert abs(cy - 13.5) <= 0.75 and abs(cx - 13.5) <= 0.75, (cy, cx)
+    shape = preprocess.geometry(out)
+    assert 20 <= shape["longer side >127"] <= 24 and 9 <= shape["shorter side >127"] <= 13, shape
+    assert abs(shape["box centre row"] - 13.5) <= 0.5 and abs(shape["box centre column"] - 13.5) <= 0.5, shape
     rows, cols = out.sum(axis=1), out.sum(axis=0)
     assert rows.argmax() > 14 and cols.argmax() < 14, "an upright L: its heaviest row is low, its column left"
 
@@ -219,3 +217,150 @@ def test_predict_without_a_registered_ensemble_says_what_to_run(tmp_path, capsys
         mlflow.set_tracking_uri(session_store)
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and "python -m emnist_exp.ensemble" in errors[0], errors
+
+
+# ---- EMNIST's geometry, on real sample images sent through a scan round trip -----------------------
+
+
+def sample_images(folder, split: str, count: int) -> np.ndarray:
+    from emnist_exp.builders.idx import IdxStream
+
+    blocks = IdxStream(str(folder / f"emnist-bymerge-{split}-images-idx3-ubyte.gz"), "images").blocks(count)
+    return np.ascontiguousarray(next(blocks).transpose(0, 2, 1))  # upright
+
+
+def scan(image: np.ndarray, side: int = 128) -> Image.Image:
+    """A stored image as a user's scan: enlarged, dark ink on light paper, in RGB."""
+    big = Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC)
+    return Image.fromarray((PAPER - (PAPER - INK) * (np.asarray(big) / 255.0)).astype(np.uint8)).convert("RGB")
+
+
+def test_scanned_sample_images_come_back_within_emnists_measured_ranges(sample_dir):
+    train = [preprocess.geometry(image) for image in sample_images(sample_dir, "train", 2000)]
+    ranges = {key: np.percentile([g[key] for g in train], [0.5, 99.5]) for key in train[0]}  # 99% of EMNIST
+    assert ranges["longer side >127"][1] - ranges["longer side >127"][0] >= 2, ranges  # a real spread measured
+    for image in sample_images(sample_dir, "test", 12):
+        shape = preprocess.geometry(preprocess.to_emnist(scan(image)))
+        for key in ("longer side >0", "longer side >127", "box centre row", "box centre column",
+                    "stroke width >127"):
+            low, high = ranges[key]
+            assert low <= shape[key] <= high, (key, shape[key], (low, high))
+
+
+@pytest.mark.parametrize("pen", ["thin", "thick"])
+def test_a_pen_far_from_nists_is_brought_into_emnists_stroke_range(pen, sample_dir):
+    width = 2 if pen == "thin" else 40  # the L's strokes: 12 px of 121 in draw_l, so 2 and 40 are extreme
+    image = Image.new("L", (200, 200), PAPER)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([40, 30, 40 + width - 1, 150], fill=INK)
+    draw.rectangle([40, 150 - width + 1, 40 + 70, 150], fill=INK)
+    before = width * preprocess.NIST_SIDE / 121  # the drawn stroke at NIST scale (the L is 121 px tall)
+    low, high = preprocess.STROKE_RANGE
+    assert (before < low) if pen == "thin" else (before > high), before
+    train = [preprocess.geometry(image)["stroke width >127"] for image in sample_images(sample_dir, "train", 2000)]
+    emnist = np.percentile(train, [0.5, 99.5])
+    after = preprocess.geometry(preprocess.to_emnist(image))["stroke width >127"]
+    assert emnist[0] <= after <= emnist[1], (after, emnist)
+
+
+def test_synthetic_set_is_framed_by_the_same_function():
+    from emnist_exp.builders import synthetic
+
+    images = synthetic.render_batch(np.arange(47), np.random.default_rng(0))
+    for image in images:
+        shape = preprocess.geometry(image)
+        assert abs(shape["box centre row"] - 13.5) <= 0.5 and abs(shape["box centre column"] - 13.5) <= 0.5, shape
+        assert shape["longer side >0"] == 24, shape  # the frame's content side, as for predict's images
+
+
+# ---- lines ------------------------------------------------------------------------------------------
+
+
+def strokes(draw, left: int, kind: str) -> int:
+    """Draw one 80 px tall character at `left` (ink 0..255 on black); return its right edge."""
+    if kind == "l":
+        draw.rectangle([left, 20, left + 9, 99], fill=255)
+        return left + 10
+    if kind == "i":  # stem and a separate dot above it
+        draw.rectangle([left, 45, left + 9, 99], fill=255)
+        draw.ellipse([left - 1, 22, left + 10, 33], fill=255)
+        return left + 10
+    if kind == "L-broken":  # an L whose upright has a 4 px break and whose foot is in two pieces
+        draw.rectangle([left, 20, left + 9, 55], fill=255)
+        draw.rectangle([left, 60, left + 9, 99], fill=255)
+        draw.rectangle([left, 90, left + 24, 99], fill=255)
+        draw.rectangle([left + 28, 90, left + 49, 99], fill=255)
+        return left + 50
+    draw.ellipse([left, 20, left + 59, 99], outline=255, width=10)  # "o"
+    return left + 60
+
+
+def line_page(kinds: list[str], gaps: list[int]) -> tuple[Image.Image, list[tuple[int, int]]]:
+    image = Image.new("L", (40 + sum(gaps) + 60 * len(kinds) + 40, 120), 0)
+    draw, x, spans = ImageDraw.Draw(image), 40, []
+    for kind, gap in zip(kinds, [0, *gaps]):
+        x += gap
+        right = strokes(draw, x, kind)
+        spans.append((x - 1, right + 1))  # the i's dot overhangs its stem by a pixel
+        x = right
+    return ImageOps.invert(image).convert("RGB"), spans
+
+
+def test_a_line_is_cut_into_its_characters_left_to_right():
+    from emnist_exp import segment
+
+    kinds = ["L-broken", "i", "o", "l", "i", "o"]
+    gaps = [14, 12, 16, 90, 13]  # 12 px is a quarter of the median width; 90 px is a word gap
+    page, spans = line_page(kinds, gaps)
+    segments, images = segment.line_characters(page)
+    assert len(segments) == len(kinds) and len(images) == len(kinds), segments
+    for s, (left, right) in zip(segments, spans):
+        assert left <= s.left and s.right <= right + 1, (s, left, right)
+    assert [s.space_before for s in segments] == [False, False, False, False, True, False]
+    assert segment.text(segments, list("Lio1io")) == "Lio1 io"
+    assert all(image.shape == (28, 28) and image.max() == 255 for image in images)
+
+
+def test_a_line_of_sample_characters_is_found_whole(sample_dir):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import own_images
+
+    from emnist_exp import segment
+
+    images = sample_images(sample_dir, "test", 60)
+    rng = np.random.default_rng(5)
+    for start in range(0, 60, 10):
+        chars = list(images[start : start + int(rng.integers(3, 11))])
+        ink, spaces, smallest = own_images.compose_line(chars, rng)
+        assert smallest >= 0.25
+        segments, _ = segment.line_characters(Image.fromarray(own_images.page(ink)))
+        assert len(segments) == len(chars), (start, len(segments), len(chars))
+        assert [s.left for s in segments] == sorted(s.left for s in segments)
+
+
+@pytest.mark.slow
+def test_predict_line_prints_the_string_and_each_character(tiny_ensemble, tmp_path, capsys):
+    import mlflow
+
+    from emnist_exp import predict, segment
+
+    page, _ = line_page(["l", "o", "i", "o"], [15, 14, 80])
+    page.save(tmp_path / "note.png")
+    bad = [str(tmp_path / name) for name in bad_files(tmp_path)]
+    saved = tmp_path / "seen"
+    code = predict.main(["--line", str(tmp_path / "note.png"), *bad, "--save-preprocessed", str(saved)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(bad) and all(any(b in e for e in errors) for b in bad), err
+    head, *rows = out.splitlines()
+    segments, images = segment.line_characters(preprocess.load_image(tmp_path / "note.png"))
+    model = mlflow.pyfunc.load_model(f"models:/emnist-ensemble/{tiny_ensemble}")
+    expected = list(model.predict(np.stack(images).astype(np.float32))["character"])
+    assert head == f"{tmp_path / 'note.png'}  {segment.text(segments, expected)}"
+    assert len(expected) == 4 and " " in head.split("  ", 1)[1]
+    assert [row.split()[:2] for row in rows] == [[str(n), c] for n, c in enumerate(expected, 1)]
+    for n, image in enumerate(images, 1):
+        assert np.array_equal(np.asarray(Image.open(saved / f"note-{n:02d}.png")), image)

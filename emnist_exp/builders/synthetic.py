@@ -17,6 +17,7 @@ from scipy import ndimage
 from emnist_exp.builders.idx import IMAGE_NOTE, image_feature
 from emnist_exp.classes import BYMERGE_CLASSES
 from emnist_exp.errors import UserError
+from emnist_exp.preprocess import frame_character
 
 # Fonts that matplotlib ships (mpl-data/fonts/ttf) and that draw plain letters and digits.
 # Left out: the *Display, STIXNonUni and STIXSiz* subsets, the TeX symbol fonts (cmmi10, cmsy10,
@@ -29,11 +30,6 @@ FONT_FILES = (
     "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf",
     "cmti10.ttf", "cmb10.ttf",
 )
-
-# Frame, as in MNIST (http://yann.lecun.com/exdb/mnist/): the longer side of the glyph is fitted
-# to 20 px, and its centre of mass is put at the centre of the 28x28 frame.
-SIDE = 28
-FIT_PX = 20
 
 # Base glyphs: drawn once per (font, class) at a large size, then shrunk with a good filter, so
 # the per-example warp samples them at about 1:1 and needs no anti-aliasing of its own.
@@ -51,8 +47,6 @@ ELASTIC_GRID_SIGMA = 1.0  # in grid nodes, so 4 work px: the sigma of Simard et 
 ELASTIC_STD = 0.8  # std of the displacement, in work px
 STROKE_SIZES = (1, 2, 3)  # max-filter sizes on the work canvas; 1 keeps the font's own stroke
 STROKE_WEIGHTS = (0.2, 0.5, 0.3)  # EMNIST strokes are 2-3 px wide, most fonts 1-2 px at this size
-INK_THRESHOLD = 0.05  # ink level that counts for the bounding box
-BLUR_SIGMA = 1.0  # frame px; each example is mixed with its blurred self by a random amount
 NOISE_STD = 4.0  # grey levels, on visible ink only, so the background stays exactly 0
 
 CHUNK = 500  # examples drawn from one RNG stream, seeded by (seed, split, chunk): no shared state
@@ -71,15 +65,17 @@ class EmnistSyntheticConfig(tfds.core.BuilderConfig):
 class EmnistSynthetic(tfds.core.GeneratorBasedBuilder):
     """Printed glyphs from matplotlib's fonts, warped to look handwritten, framed like EMNIST."""
 
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": IMAGE_NOTE}
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": IMAGE_NOTE,
+                     "1.2.0": "Framed like EMNIST (preprocess.frame_character), not fitted to 20 px by centre of mass."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description=(
                 "EMNIST-like synthetic characters of the 47 bymerge classes, rendered offline from "
                 "matplotlib's fonts with random affine, stroke-width and elastic distortions, "
-                "then fitted to 20 px and centred by centre of mass in 28x28, white on black. "
+                "then framed in 28x28 as EMNIST framed NIST's scans (blur, bounding box, border, bicubic), "
+                "white on black. "
                 "Images are stored UPRIGHT, unlike the official EMNIST files and tfds `emnist`, "
                 "whose images are transposed."
             ),
@@ -227,49 +223,14 @@ def thicken(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def frame(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Fit each canvas's ink to 20 px, centre it by centre of mass in 28x28, finish it: uint8."""
-    n = len(ink)
-    rows, cols = frame_positions(ink)
-    padded = np.pad(ink, ((0, 0), (1, 1), (1, 1)))  # a zero rim for points outside the canvas
-    rows = np.clip(rows + 1, 0, WORK_PX + 1) + (np.arange(n) * (WORK_PX + 2))[:, None]
-    cols = np.clip(cols + 1, 0, WORK_PX + 1)
-    coords = np.stack(np.broadcast_arrays(rows[:, :, None], cols[:, None, :])).reshape(2, -1)
-    out = ndimage.map_coordinates(padded.reshape(-1, WORK_PX + 2), coords, order=1)
-    return finish(out.reshape(n, SIDE, SIDE), rng)
-
-
-def frame_positions(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 28) canvas rows and columns that the frame's rows and columns sample."""
-    mask = ink > INK_THRESHOLD
-    top, bottom = ink_span(mask.any(axis=2))
-    left, right = ink_span(mask.any(axis=1))
-    extent = np.maximum(bottom - top, right - left).astype(np.float32)
-    step = np.maximum(extent / (FIT_PX - 1), 1e-3)  # canvas px per frame px; 1e-3 if no ink
-    mass = np.maximum(ink.sum(axis=(1, 2)), 1e-6)
-    axis = np.arange(WORK_PX, dtype=np.float32)
-    com_row, com_col = (ink.sum(axis=2) @ axis) / mass, (ink.sum(axis=1) @ axis) / mass
-    # Frame position of the centre of mass: the middle, unless that would push ink out of the frame.
-    mid = (SIDE - 1) / 2
-    at_row = np.clip(mid, (com_row - top) / step, SIDE - 1 - (bottom - com_row) / step)
-    at_col = np.clip(mid, (com_col - left) / step, SIDE - 1 - (right - com_col) / step)
-    grid = np.arange(SIDE, dtype=np.float32)[None, :]
-    rows = com_row[:, None] + (grid - at_row[:, None]) * step[:, None]
-    cols = com_col[:, None] + (grid - at_col[:, None]) * step[:, None]
-    return rows, cols
-
-
-def ink_span(any_ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """First and last index with ink along the last axis of a (n, WORK_PX) boolean array."""
-    first = any_ink.argmax(axis=1)
-    last = any_ink.shape[1] - 1 - any_ink[:, ::-1].argmax(axis=1)
-    return first, np.maximum(last, first)
+    """Frame each canvas's ink as EMNIST framed its scans (the same function as `predict`), finish it: uint8."""
+    framed = np.stack([frame_character(canvas) for canvas in ink]).astype(np.float32) / 255.0
+    return finish(framed, rng)
 
 
 def finish(out: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Blur each frame by a random amount, set its peak to 217..255, add noise on the ink: uint8."""
+    """Set each frame's peak to 217..255 and add noise on the ink: uint8 (the framing already blurred it)."""
     n = len(out)
-    blurred = ndimage.gaussian_filter(out, sigma=(0, BLUR_SIGMA, BLUR_SIGMA), truncate=2.0)
-    out += rng.uniform(0, 1, (n, 1, 1)).astype(np.float32) * (blurred - out)
     peak = np.maximum(out.max(axis=(1, 2), keepdims=True), 1e-6)
     out *= rng.uniform(0.85, 1.0, (n, 1, 1)) * 255.0 / peak
     visible = out > 25.0
