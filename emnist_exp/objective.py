@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import keras
 import numpy as np
@@ -11,7 +12,7 @@ import optuna
 from emnist_exp import data, tracking, trainer
 from emnist_exp.config import Config
 from emnist_exp.search import suggest_spec
-from emnist_exp.study import WORKER
+from emnist_exp.study import WORKER, trial_seed
 
 
 class PruningCallback(keras.callbacks.Callback):
@@ -35,14 +36,17 @@ class PruningCallback(keras.callbacks.Callback):
 class Objective:
     """Train one trial on data loaded once; every trial is a nested MLflow run."""
 
-    def __init__(self, cfg: Config, splits: data.Splits):
+    def __init__(self, cfg: Config, splits: data.Splits, on_start: Callable[[], None] | None = None):
         self.cfg = cfg
         self.splits = splits
+        self.on_start = on_start  # told once each trial exists in the storage (the trial cap's claim)
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg, splits = self.cfg, self.splits
+        if self.on_start:
+            self.on_start()
         spec = suggest_spec(trial, cfg.space)
-        seed = cfg.seed + trial.number
+        seed = trial_seed(cfg.seed, trial.number)  # unique per trial across workers, like the sampler's
         # What it takes to rebuild this trial's splits (the ensemble's fallback to inference).
         extra = {"dataset": cfg.dataset, "val_fraction": cfg.val_fraction, "max_examples": cfg.max_examples,
                  "data_dir": cfg.data_dir, "n_train": splits.counts["train"], "max_epochs": cfg.epochs}

@@ -18,6 +18,7 @@ import optuna
 from mlflow.models import ModelSignature, infer_signature
 
 from emnist_exp import plots
+from emnist_exp.errors import UserError
 from emnist_exp.spec import TrialSpec
 
 ROLE_TAG = "emnist.role"  # study | trial | ensemble
@@ -26,6 +27,17 @@ TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"
 PREDICTIONS = "predictions.npz"
 MODEL_NAME = "model"
+
+
+def quoted(value: str) -> str:
+    """A string literal for an MLflow filter. MLflow's filter parser has no escape character, so the
+    value goes in whichever quote it does not contain (config refuses study names holding both)."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise UserError(f"{value!r} holds both ' and \", which no MLflow search filter can match.")
 
 
 def git_commit() -> str:
@@ -37,22 +49,55 @@ def git_commit() -> str:
         return "unknown"
 
 
-def prepare_local_store() -> None:
-    """Create a SQLite tracking store under a file lock.
+MIGRATION_LEFTOVER = "_alembic_tmp_"  # alembic's copy of a table that a SQLite migration is rebuilding
 
-    MLflow creates a fresh store's tables on first use, and two workers starting together break
-    each other's migrations. A server or PostgreSQL store needs nothing here.
+
+def prepare_local_store(repair: bool = False) -> str:
+    """Create (or, with repair, finish migrating) a SQLite tracking store under a file lock; returns its URI.
+
+    MLflow creates a fresh store's tables on first use, and two processes starting together break
+    each other's migrations; one killed mid-migration leaves alembic's table copies behind, and then
+    every command fails. A server or PostgreSQL store needs nothing here.
     """
     uri = mlflow.get_tracking_uri()
     if not uri.startswith("sqlite:///"):
-        return
+        return uri
     import fcntl  # noqa: PLC0415
 
     path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as handle:  # flock is apart from SQLite's own fcntl locks on the same file
         fcntl.flock(handle, fcntl.LOCK_EX)
-        mlflow.MlflowClient().search_experiments(max_results=1)
+        leftovers = _migration_leftovers(path, repair)
+        if leftovers:
+            raise UserError(f"{path} was left half-migrated by MLflow processes that created or upgraded it at "
+                            f"once (leftover tables {', '.join(leftovers)}): run `python -m emnist_exp.stores "
+                            "--repair`, which removes only those copies and finishes the upgrade, keeping every run.")
+        try:
+            mlflow.MlflowClient().search_experiments(max_results=1)
+        except mlflow.exceptions.MlflowException as exc:
+            raise UserError(f"cannot open the MLflow store {uri}: {str(exc).splitlines()[0]}") from None
+    return uri
+
+
+def _migration_leftovers(path: Path, repair: bool) -> list[str]:
+    """Alembic's leftover table copies in a SQLite store; with repair, removed (or, where the
+    migration had already dropped the original, renamed back to it)."""
+    import sqlite3  # noqa: PLC0415
+
+    with contextlib.closing(sqlite3.connect(path, timeout=120)) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        leftovers = sorted(t for t in tables if t.startswith(MIGRATION_LEFTOVER))
+        if not repair:
+            return leftovers
+        for table in leftovers:
+            original = table.removeprefix(MIGRATION_LEFTOVER)
+            if original in tables:
+                db.execute(f'DROP TABLE "{table}"')  # a copy: the original still holds every row
+            else:
+                db.execute(f'ALTER TABLE "{table}" RENAME TO "{original}"')
+        db.commit()
+    return []
 
 
 @contextlib.contextmanager
@@ -132,7 +177,7 @@ def end_stale_trial_run(study: str, number: int, run_id: str | None = None) -> l
         if run.data.tags.get(STUDY_TAG) == study and run.data.tags.get(TRIAL_TAG) == str(number):
             runs = [run]
     if not runs:
-        where = (f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}' and "
+        where = (f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = {quoted(study)} and "
                  f"tags.`{TRIAL_TAG}` = '{number}' and attributes.status = 'RUNNING'")
         runs = mlflow.search_runs(search_all_experiments=True, filter_string=where, output_format="list")
     ended = []
@@ -259,7 +304,7 @@ def finished_trials(*, study: str | None = None, experiment: str | None = None,
                       key=lambda r: r.data.metrics.get("val_accuracy", float("-inf")), reverse=True)
     where = [f"tags.`{ROLE_TAG}` = 'trial'", f"tags.`{STATE_TAG}` = 'COMPLETE'", "attributes.status = 'FINISHED'"]
     if study:
-        where.append(f"tags.`{STUDY_TAG}` = '{study}'")
+        where.append(f"tags.`{STUDY_TAG}` = {quoted(study)}")
     kwargs: dict[str, Any] = {"search_all_experiments": True}
     if experiment:
         found = mlflow.get_experiment_by_name(experiment)
@@ -345,13 +390,13 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
 
 def latest_version(name: str) -> str | None:
     """The highest version of a registered model, or None when it has none."""
-    versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    versions = mlflow.MlflowClient().search_model_versions(f"name = {quoted(name)}")
     return str(max(int(v.version) for v in versions)) if versions else None
 
 
 def study_runs(study: str, role: str) -> list[mlflow.entities.Run]:
     """Every run of a study with the given role (study, trial, ensemble), in any state, newest first."""
-    where = f"tags.`{ROLE_TAG}` = '{role}' and tags.`{STUDY_TAG}` = '{study}'"
+    where = f"tags.`{ROLE_TAG}` = {quoted(role)} and tags.`{STUDY_TAG}` = {quoted(study)}"
     return mlflow.search_runs(search_all_experiments=True, filter_string=where,
                               order_by=["attributes.start_time DESC"], output_format="list")
 
