@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench stores
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,7 @@ test: install
 
 bench: install
 	python benchmarks/pipeline.py
+
+# The local stores (mlflow.db, optuna.db), created once under a lock before `mlflow run` workers start together.
+stores:
+	python -m emnist_exp.stores

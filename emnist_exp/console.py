@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -25,4 +26,14 @@ def quiet_libraries() -> None:
     import tensorflow as tf  # noqa: PLC0415
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna.study._optimize").addFilter(_no_traceback_for_stops)  # where trials fail
     tf.get_logger().setLevel("ERROR")
+
+
+def _no_traceback_for_stops(record) -> bool:
+    """Optuna logs a failed trial's traceback; for a stop signal or a UserError the one line is enough."""
+    from emnist_exp.errors import UserError  # noqa: PLC0415
+
+    if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, UserError)):
+        record.exc_info = None
+    return True

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     console.quiet()
     from emnist_exp import data, tracking  # noqa: PLC0415
 
+    data.check_split_spec(args.split)
     source = data.open_source(args.dataset, args.data_dir)
     model = load_model(args.model)
     classes = tracking.model_classes(args.model)

@@ -63,7 +63,10 @@ class Objective:
                 return float("nan")  # Optuna records a NaN objective as FAIL
             if pruning.pruned_at is not None:
                 raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at + 1}")
-            self._log(result, spec)
+            try:
+                self._log(result, spec)
+            except OSError as exc:  # a full disk, or an artifact folder gone or read-only
+                raise tracking.artifact_write_error(exc) from None
             tracking.set_state("COMPLETE")
             return result.val_accuracy
 

@@ -52,7 +52,13 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         return voting.combine(self.strategy, self.member_probs(images), self.weights)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        scores = self.class_scores(model_input)
+        try:
+            scores = self.class_scores(model_input)
+        except ValueError as exc:  # bad input: the REST client gets our sentence, not a stack trace
+            from mlflow.exceptions import MlflowException  # noqa: PLC0415
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: PLC0415
+
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         index = scores.argmax(axis=1)
         return pd.DataFrame({
             "class_index": index.astype(np.int64),

@@ -254,6 +254,13 @@ def log_trial_result(result, spec: TrialSpec, classes: tuple[str, ...], *, param
                                            predicted[wrong_index], classes), "plots/misclassified.png")
 
 
+def artifact_write_error(exc: OSError) -> UserError:
+    """One sentence for an artifact store that refuses a write."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return UserError(f"cannot write artifacts to {mlflow.get_artifact_uri()}: {exc.strerror or exc}{where}; "
+                     "check the artifact store's space and permissions, then rerun to continue the study.")
+
+
 def log_figure(fig, path: str) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
@@ -300,17 +307,43 @@ def finished_trials(*, study: str | None = None, experiment: str | None = None,
                     run_ids: list[str] | None = None) -> list[mlflow.entities.Run]:
     """COMPLETE trial runs, best validation accuracy first."""
     if run_ids:
-        return sorted((mlflow.get_run(r) for r in run_ids),
+        return sorted((finished_trial(r) for r in run_ids),
                       key=lambda r: r.data.metrics.get("val_accuracy", float("-inf")), reverse=True)
     where = [f"tags.`{ROLE_TAG}` = 'trial'", f"tags.`{STATE_TAG}` = 'COMPLETE'", "attributes.status = 'FINISHED'"]
     if study:
         where.append(f"tags.`{STUDY_TAG}` = {quoted(study)}")
     kwargs: dict[str, Any] = {"search_all_experiments": True}
     if experiment:
-        found = mlflow.get_experiment_by_name(experiment)
-        kwargs = {"experiment_ids": [found.experiment_id if found else experiment]}
+        kwargs = {"experiment_ids": [experiment_id(experiment)]}
     return mlflow.search_runs(filter_string=" and ".join(where), order_by=["metrics.val_accuracy DESC"],
                               output_format="list", **kwargs)
+
+
+def finished_trial(run_id: str) -> mlflow.entities.Run:
+    """A COMPLETE trial run by id; anything else (no such run, a study or ensemble run) is a UserError."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"there is no run {run_id} in the tracking store {mlflow.get_tracking_uri()}.") from None
+    role, state = run.data.tags.get(ROLE_TAG), run.data.tags.get(STATE_TAG)
+    if role != "trial":
+        raise UserError(f"run {run_id} is not a trial run (its {ROLE_TAG} tag is {role or 'missing'}): "
+                        "pass the ids of finished trial runs.")
+    if state != "COMPLETE" or run.info.status != "FINISHED":
+        raise UserError(f"trial run {run_id} did not complete (state {state}, status {run.info.status}).")
+    return run
+
+
+def experiment_id(name_or_id: str) -> str:
+    """The id of an experiment given by name (or by id); a UserError when there is none."""
+    found = mlflow.get_experiment_by_name(name_or_id)
+    if found is None:
+        try:
+            found = mlflow.get_experiment(name_or_id)
+        except mlflow.exceptions.MlflowException:
+            raise UserError(f"there is no experiment {name_or_id!r} in the tracking store "
+                            f"{mlflow.get_tracking_uri()}.") from None
+    return found.experiment_id
 
 
 def load_predictions(run_id: str) -> dict[str, np.ndarray] | None:

@@ -86,11 +86,25 @@ def run(argv: list[str] | None = None) -> int:
             if cap is None or cap.has_room(study):  # holds the study's lock until the first trial is claimed
                 study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout or None, callbacks=callbacks,
                                gc_after_trial=True)
+        except BaseException:
+            summary_after_error(study)
+            raise
         finally:
             if cap:
                 cap.lock.release()  # still held if this worker stopped (timeout, error) before claiming a trial
-            tracking.log_study_summary(study)
+        tracking.log_study_summary(study)
     return 0
+
+
+def summary_after_error(study) -> None:
+    """The study's summary, if it can still be logged; a failure here must not hide the error that stopped the study."""
+    from emnist_exp import tracking  # noqa: PLC0415
+
+    try:
+        tracking.log_study_summary(study)
+    except Exception as exc:  # noqa: BLE001 (e.g. the same unwritable artifact store)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"note: the study summary was not logged ({type(exc).__name__}: {first})", file=sys.stderr)
 
 
 if __name__ == "__main__":
