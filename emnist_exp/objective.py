@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import optuna
 
-from emnist_exp import data, tracking, trainer
+from emnist_exp import data, signals, tracking, trainer
 from emnist_exp.config import Config
 from emnist_exp.search import suggest_spec
 from emnist_exp.study import WORKER, trial_seed
@@ -33,6 +33,15 @@ class PruningCallback(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class StopOnSignal(keras.callbacks.Callback):
+    """End training at the next batch once a stop signal has come (see signals.raise_if_stopped)."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        signals.raise_if_stopped()
+
+    on_test_batch_end = on_predict_batch_end = on_train_batch_end
+
+
 class Objective:
     """Train one trial on data loaded once; every trial is a nested MLflow run."""
 
@@ -43,6 +52,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg, splits = self.cfg, self.splits
+        signals.raise_if_stopped()
         if self.on_start:
             self.on_start()
         spec = suggest_spec(trial, cfg.space)
@@ -56,7 +66,7 @@ class Objective:
             pruning = PruningCallback(trial)
             result = trainer.train_spec(spec, splits, epochs=cfg.epochs, patience=cfg.patience, seed=seed,
                                         shuffle_buffer=cfg.shuffle_buffer,
-                                        callbacks=[pruning, tracking.EpochLogger()])
+                                        callbacks=[pruning, tracking.EpochLogger(), StopOnSignal()])
             if result.diverged:
                 tracking.set_state("FAIL")
                 print(f"trial {trial.number}: loss became NaN; the trial fails and the study goes on")

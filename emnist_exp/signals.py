@@ -20,6 +20,9 @@ class Stopped(KeyboardInterrupt):
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
+_requested: list[int] = []  # the stop signal received, if any (module state: a process stops once)
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Turn the first SIGINT or SIGTERM into Stopped; ignore later ones while the worker cleans up.
@@ -30,17 +33,22 @@ def stop_on_signals() -> Iterator[None]:
     watcher also stops the worker when the CLI that started it exits, since the CLI dies of a
     SIGTERM without passing it on.
     """
-    stopping = threading.Event()
 
     def handle(signum, frame) -> None:
-        if stopping.is_set():
+        if _requested:
             print(f"{signal.Signals(signum).name} while stopping: still cleaning up", file=sys.stderr, flush=True)
             return
-        stopping.set()
+        _requested.append(signum)
         print(f"{signal.Signals(signum).name}: failing the current trial and ending its runs as KILLED",
               file=sys.stderr, flush=True)
         raise Stopped(signum)
 
+    def unraisable(report) -> None:  # a Stopped raised inside a weakref callback or __del__: raised again later
+        if not isinstance(report.exc_value, Stopped):
+            hook(report)
+
+    _requested.clear()
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
     done = threading.Event()
     if os.environ.get("MLFLOW_RUN_ID"):
@@ -50,8 +58,17 @@ def stop_on_signals() -> Iterator[None]:
         yield
     finally:
         done.set()
+        sys.unraisablehook = hook
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def raise_if_stopped() -> None:
+    """Raise Stopped again if a stop signal came: the handler's own raise can land where Python
+    drops it (a weakref callback run mid-fit, as SQLAlchemy's are), so training checks at each
+    batch and after each trial."""
+    if _requested:
+        raise Stopped(_requested[0])
 
 
 def _stop_when_orphaned(parent: int, done: threading.Event) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from emnist_exp import storage as storages, tracking
+from emnist_exp import signals, storage as storages, tracking
 from emnist_exp.config import Config
 
 MAX_RETRY = 3  # a trial whose worker died runs again at most this often
@@ -180,6 +180,7 @@ class Progress:
         self.done = 0
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        signals.raise_if_stopped()  # a stop swallowed during the trial ends the worker before the next one
         self.done += 1
         value = "" if trial.value is None else f" val_accuracy {trial.value:.4f}"
         try:

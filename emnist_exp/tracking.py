@@ -7,6 +7,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -104,9 +105,9 @@ def _migration_leftovers(path: Path, repair: bool) -> list[str]:
 def study_run(config: dict[str, Any], *, storage: str, sampler: str) -> Iterator[mlflow.ActiveRun]:
     """The parent run: `mlflow run`'s own run (MLFLOW_RUN_ID) or a new one. `storage` is redacted."""
     prepare_local_store()
-    name = None if os.environ.get("MLFLOW_RUN_ID") else f"study-{config['study']}"
-    run = mlflow.start_run(run_name=name)
-    with _ending(run):
+    launched = bool(os.environ.get("MLFLOW_RUN_ID"))  # by `mlflow run`, our parent process
+    run = mlflow.start_run(run_name=None if launched else f"study-{config['study']}")
+    with _ending(run, launcher=os.getppid() if launched else None):
         mlflow.set_tags({ROLE_TAG: "study", STUDY_TAG: config["study"], "dataset": config["dataset"],
                          "optuna.sampler": sampler, "optuna.storage": storage, "git_commit": git_commit()})
         # `mlflow run` already logged the raw -P values under their own names: resolved ones get a prefix.
@@ -116,8 +117,11 @@ def study_run(config: dict[str, Any], *, storage: str, sampler: str) -> Iterator
 
 
 @contextlib.contextmanager
-def _ending(run: mlflow.ActiveRun, on_error: str = "FAILED") -> Iterator[None]:
-    """End `run` as FINISHED, KILLED (Ctrl-C) or FAILED, whatever happens inside."""
+def _ending(run: mlflow.ActiveRun, on_error: str = "FAILED", launcher: int | None = None) -> Iterator[None]:
+    """End `run` as FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, whatever happens inside.
+
+    `launcher` is the pid of the `mlflow run` CLI that created the run, if any: see _kept_after_launcher.
+    """
     status = on_error
     try:
         yield
@@ -127,6 +131,32 @@ def _ending(run: mlflow.ActiveRun, on_error: str = "FAILED") -> Iterator[None]:
         raise
     finally:
         mlflow.end_run(status)
+        if launcher and status == "KILLED":
+            _kept_after_launcher(run.info.run_id, status, launcher)
+
+
+# `mlflow run` sets its run's status after its child exits unless the run is already terminated, but
+# its check (projects._maybe_set_run_terminated in mlflow 3.17) hands RunStatus.is_terminated a
+# string, so it always overwrites: a Ctrl-C'd study would end FAILED. This waits, detached from the
+# terminal's Ctrl-C, for the CLI to exit and sets the status back.
+_RESTORE = """
+import os, sys, time
+pid, run_id, status = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.2)
+import mlflow
+mlflow.MlflowClient().set_terminated(run_id, status)
+"""
+
+
+def _kept_after_launcher(run_id: str, status: str, launcher: int) -> None:
+    subprocess.Popen([sys.executable, "-c", _RESTORE, str(launcher), run_id, status], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def trial_run_name(number: int, spec: TrialSpec) -> str:

@@ -99,3 +99,17 @@ def test_rest_predictions_match_the_in_process_model(server, tiny_ensemble):
         assert got["class_index"] == want["class_index"]
         assert got["character"] == want["character"]
         assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)
+
+
+def test_a_wrong_shape_gets_the_project_sentence_without_a_stack_trace(server):
+    """A 27x27 batch: HTTP 400 (INVALID_PARAMETER_VALUE) whose message holds our sentence and no traceback."""
+    body = json.dumps({"inputs": np.zeros((2, 27, 27), np.float32).tolist()}).encode()
+    request = urllib.request.Request(f"{server}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=120)
+    assert caught.value.code == 400
+    answer = json.loads(caught.value.read())
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+    assert "expected a batch of 28x28 images, got shape (2, 27, 27)" in answer["message"], answer
+    assert "Traceback" not in json.dumps(answer) and 'File "' not in json.dumps(answer), answer
