@@ -1,10 +1,11 @@
 # make demo: install, then a quick study on the embedded synthetic set and its ensemble.
-# make test: install, then the test suite.
+# make test: install, then the whole test suite (what CI runs).
+# make test-fast: the tests not marked slow: tiny data, real stores, no study training.
 VENV ?= .venv
 PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test bench stores
+.PHONY: install demo test test-fast bench stores
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ demo: install
 
 test: install
 	python -m pytest -q
+
+test-fast: install
+	python -m pytest -q -m "not slow"
 
 bench: install
 	python benchmarks/pipeline.py

@@ -30,11 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path) -> float:
-    """Run one command from the project root, its output teed to a log; return wall seconds."""
+    """Run one command from the work folder, its output teed to a log; return wall seconds.
+
+    From there, because a new SQLite store puts its artifacts under ./mlruns of the process that creates it.
+    """
     print("$ " + " ".join(cmd), flush=True)
     started = time.perf_counter()
     with open(log, "a") as sink:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             sink.write(line)
             sink.flush()
@@ -72,8 +75,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri,
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    train = [sys.executable, "-m", "mlflow", "run", ".", "-e", "train", "--env-manager", "local",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    train = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
              "-P", f"preset={args.preset}", "-P", f"storage=sqlite:///{work / 'optuna.db'}"]
     top = args.top
     if args.smoke:

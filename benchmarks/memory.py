@@ -6,7 +6,8 @@
 Each row is one fresh process that trains the tuned CNN (augmentation on) for one epoch over every
 training image of its set, validates, and predicts validation and test, as a trial does. The set
 is prepared (tfds download_and_prepare) in an earlier process, so only training is measured.
-The notebook this project replaces held the whole CSV in pandas and crashed 13-16 GB machines.
+For scale: bymerge's 697,932 x 784 train pixels as int64 (pandas' default for a CSV) are 4.4 GB before
+any copy; the pipeline streams uint8 blocks instead.
 """
 
 from __future__ import annotations

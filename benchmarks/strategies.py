@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 
 from emnist_exp import tracking, voting
-from emnist_exp.ensemble import member_predictions, stack
+from emnist_exp.members import member_predictions
 
 
 def members(study: str, top: int, pool: int) -> tuple[dict, int]:
@@ -26,7 +26,7 @@ def members(study: str, top: int, pool: int) -> tuple[dict, int]:
     if not runs:
         raise SystemExit(f"error: no finished trial runs in study {study!r}.")
     preds = [member_predictions(r, reinfer=False) for r in runs[: max(top, pool)]]
-    return {split: stack(preds, split) for split in ("val", "test")}, len(runs)
+    return {split: voting.stack(preds, split) for split in ("val", "test")}, len(runs)
 
 
 def evaluate(strategy: str, val: tuple, test: tuple, folds: int, seed: int) -> tuple[float, float]:

@@ -61,34 +61,6 @@ def select_members(args: argparse.Namespace):
     return study, runs
 
 
-def member_predictions(run, reinfer: bool) -> dict[str, np.ndarray]:
-    """Logged predictions, or (missing, or --reinfer) the member's model run on its own splits."""
-    from emnist_exp import data, tracking, trainer  # noqa: PLC0415
-
-    cached = None if reinfer else tracking.load_predictions(run.info.run_id)
-    if cached is not None:
-        return cached
-    p = run.data.params
-    splits = data.load_splits(p["dataset"], val_fraction=float(p.get("val_fraction", 0.1)),
-                              max_examples=int(p.get("max_examples", 0)), data_dir=p.get("data_dir", ""))
-    model = tracking.load_keras_model(run.info.run_id)
-    out = {"classes": np.array(splits.classes), "val_probs": trainer.predict(model, splits.val).astype(np.float16),
-           "val_labels": splits.val_labels}
-    if splits.test is not None:
-        out["test_probs"] = trainer.predict(model, splits.test).astype(np.float16)
-        out["test_labels"] = splits.test_labels
-    return out
-
-
-def stack(preds: list[dict[str, np.ndarray]], split: str) -> tuple[np.ndarray, np.ndarray] | None:
-    if any(f"{split}_probs" not in p for p in preds):
-        return None
-    labels = preds[0][f"{split}_labels"]
-    if any(not np.array_equal(p[f"{split}_labels"], labels) for p in preds):
-        raise UserError(f"members were evaluated on different {split} examples; they cannot vote together.")
-    return np.stack([p[f"{split}_probs"] for p in preds]).astype(np.float32), labels.astype(np.int64)
-
-
 def per_class_csv(labels: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]) -> str:
     out = io.StringIO()
     out.write("class,character,support,accuracy\n")
@@ -111,16 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     from emnist_exp import console  # noqa: PLC0415
 
     console.quiet()
-    from emnist_exp import plots, tracking, voting  # noqa: PLC0415
+    from emnist_exp import members, plots, tracking, voting  # noqa: PLC0415
 
     study, runs = select_members(args)
     started = time.perf_counter()
-    preds = [member_predictions(r, args.reinfer) for r in runs]
+    preds = [members.member_predictions(r, args.reinfer) for r in runs]
     classes = tuple(str(c) for c in preds[0]["classes"])
     if any(tuple(str(c) for c in p["classes"]) != classes for p in preds):
         raise UserError("members have different class lists; they cannot vote together.")
-    val = stack(preds, "val")
-    test = stack(preds, "test")
+    val = voting.stack(preds, "val")
+    test = voting.stack(preds, "test")
     weights = voting.weights_for(args.strategy, *val)
     keep = list(range(len(runs))) if weights is None else [i for i, w in enumerate(weights) if w > 0]
     runs, weights = [runs[i] for i in keep], None if weights is None else weights[keep]

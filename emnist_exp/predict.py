@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -76,47 +75,11 @@ def default_model() -> str:
     return f"models:/{tracking.ENSEMBLE_MODEL}/{version}"
 
 
-def python_model(model):
-    """The Python object behind a pyfunc (the ensemble's EnsembleModel), or None for a flavour's own model."""
-    try:
-        return model.unwrap_python_model()
-    except Exception:  # noqa: BLE001 (MlflowException: a Keras model has no Python wrapper)
-        return None
-
-
-def class_scores(model, images: np.ndarray):
-    """Scores over all classes, (n, classes); or the model's own output when it only names its top class."""
-    from emnist_exp import evaluate  # noqa: PLC0415
-
-    inner = python_model(model)
-    if hasattr(inner, "class_scores"):  # the ensemble: its full vote, not just the winner `predict` returns
-        try:
-            return np.asarray(inner.class_scores(images), dtype=np.float64)
-        except ValueError as exc:
-            raise UserError(f"the model rejected a batch of 28x28 images: {exc}") from None
-    with contextlib.redirect_stdout(sys.stderr):  # a Keras model's progress bar, away from the results
-        output = evaluate.predict(model, images.astype(np.float32).reshape((-1, *evaluate.input_shape(model))))
-    return output if hasattr(output, "columns") else np.asarray(output, dtype=np.float64)
-
-
-def model_classes(model, width: int) -> tuple[str, ...]:
-    """The class list the model carries in its metadata; bymerge's when it has none but 47 outputs."""
-    from emnist_exp.classes import BYMERGE_CLASSES  # noqa: PLC0415
-
-    classes = (model.metadata.metadata or {}).get("classes")
-    if classes and len(classes) == width:
-        return tuple(classes)
-    return BYMERGE_CLASSES if width == len(BYMERGE_CLASSES) else tuple(str(i) for i in range(width))
-
-
 def ranked(model, images: np.ndarray, k: int = TOP) -> list[list[tuple[str, float]]]:
-    """The k best (character, score) pairs for each image, best first."""
-    scores = class_scores(model, images)
-    if hasattr(scores, "columns"):  # a pyfunc returning class_index/character/probability rows
-        return [[(str(c), float(p))] for c, p in zip(scores["character"], scores["probability"])]
-    classes = model_classes(model, scores.shape[1])
+    """The k best (class name, score) pairs for each image by a serving.ProjectModel, best first."""
+    scores = model.class_scores(images)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return [[(classes[i], float(row[i])) for i in best] for row, best in zip(scores, order)]
+    return [[(model.classes[i], float(row[i])) for i in best] for row, best in zip(scores, order)]
 
 
 def line(path: str, top: list[tuple[str, float]], width: int) -> str:
@@ -135,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     if images and args.save_preprocessed:
         save_preprocessed(images, args.save_preprocessed)
     if images:
-        from emnist_exp import evaluate  # noqa: PLC0415
+        from emnist_exp import serving  # noqa: PLC0415
 
         uri = args.model or default_model()
-        model = evaluate.load_model(uri)
+        model = serving.load_model(uri)
         print(f"model {uri}", file=sys.stderr)
         width = max(len(path) for path, _ in images)
         for (path, _), top in zip(images, ranked(model, np.stack([image for _, image in images]))):

@@ -23,7 +23,7 @@ def _augmentation(trial: optuna.Trial, max_rotation: float = 20.0) -> dict[str, 
 
 
 def full_space(trial: optuna.Trial) -> TrialSpec:
-    """Everything the mission names: augmentation, dropout, BN, width, lr, schedule, batch, smoothing."""
+    """Every knob of TrialSpec: augmentation, dropout, BN, width, lr, schedule, batch, smoothing."""
     return TrialSpec(
         **_augmentation(trial),
         dropout=trial.suggest_float("dropout", 0.0, 0.5),

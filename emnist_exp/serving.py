@@ -1,14 +1,82 @@
-"""The ensemble as an MLflow pyfunc model: 28x28 upright images in; class, character, probability out."""
+"""The model contract: any model this project logs (a trial's or the ensemble) loaded one way; the ensemble pyfunc.
+
+Every logged model answers two questions: class scores for a batch of 28x28 upright images
+(n x classes), and its class names, stored as a list in the MLmodel metadata under "classes".
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import mlflow
 import numpy as np
 import pandas as pd
 
 from emnist_exp import voting
+from emnist_exp.errors import UserError
+
+CLASSES_KEY = "classes"  # MLmodel metadata: the class names, label index -> name
+BATCH = 512  # images per Keras predict call
+
+
+def classes_metadata(classes: tuple[str, ...]) -> dict[str, list[str]]:
+    """The metadata every logged model carries: its class names as a list (names may be several characters)."""
+    return {CLASSES_KEY: list(classes)}
+
+
+def classes_from_metadata(metadata: dict[str, Any] | None) -> tuple[str, ...] | None:
+    """The class names from a model's metadata; a string is the one-character-per-class form of older models."""
+    value = (metadata or {}).get(CLASSES_KEY)
+    if value is None:
+        return None
+    return tuple(str(c) for c in (json.loads(value) if isinstance(value, str) and value.startswith("[") else value))
+
+
+@dataclass(frozen=True)
+class ProjectModel:
+    """A logged model behind the contract: `class_scores(images)` (n x classes) and `classes`."""
+
+    uri: str
+    classes: tuple[str, ...]
+    scores: Callable[[np.ndarray], np.ndarray]  # float32 pixels (n, 28, 28, 1), 0..255 -> (n, classes)
+
+    def class_scores(self, images) -> np.ndarray:
+        """Scores over every class for a batch of 28x28 images (uint8 0..255 or float 0..1), as float64."""
+        try:
+            pixels = to_pixels(images)
+        except ValueError as exc:
+            raise UserError(f"the model takes a batch of 28x28 images: {exc}.") from None
+        out = np.asarray(self.scores(pixels), dtype=np.float64)
+        if out.shape != (len(pixels), len(self.classes)):
+            raise UserError(f"model {self.uri} gave scores of shape {out.shape} for {len(pixels)} images and "
+                            f"{len(self.classes)} classes; it is not a model this project logged.")
+        return out
+
+
+def load_model(uri: str) -> ProjectModel:
+    """Any model this project logged (runs:/<id>/model, models:/<name>/<version>, a path) behind one contract."""
+    from mlflow.models import get_model_info  # noqa: PLC0415
+
+    try:
+        info = get_model_info(uri)
+        classes = classes_from_metadata(info.metadata)
+        if classes is None:
+            raise UserError(f"model {uri} carries no class list, so it is not a model this project logged; "
+                            "log it with `python -m emnist_exp.train` or `python -m emnist_exp.ensemble`.")
+        if "keras" in info.flavors:
+            net = mlflow.keras.load_model(uri)
+            return ProjectModel(uri, classes, lambda x: net.predict(x, batch_size=BATCH, verbose=0))
+        inner = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (MlflowException, OSError, ...: all mean "no such model")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load model {uri}: {first}") from None
+    if not isinstance(inner, EnsembleModel):
+        raise UserError(f"model {uri} is a {type(inner).__name__}, not a trial's Keras model or the ensemble.")
+    return ProjectModel(uri, classes, inner.vote)
 
 
 def to_pixels(images) -> np.ndarray:
@@ -37,10 +105,10 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         self.classes = tuple(spec["classes"])
         self.members = [mlflow.keras.load_model(context.artifacts[f"member_{i}"]) for i in range(spec["members"])]
 
-    def member_probs(self, images) -> np.ndarray:
-        x = to_pixels(images)
+    def member_probs(self, pixels: np.ndarray) -> np.ndarray:
+        """Each member's probabilities for float32 pixels (n, 28, 28, 1), 0..255 (see to_pixels)."""
         # float16, like the predictions the trials logged, so served and logged votes agree exactly.
-        return np.stack([m.predict(x, batch_size=512, verbose=0).astype(np.float16) for m in self.members])
+        return np.stack([m.predict(pixels, batch_size=BATCH, verbose=0).astype(np.float16) for m in self.members])
 
     @staticmethod
     def example_output(classes: tuple[str, ...]) -> pd.DataFrame:
@@ -49,7 +117,10 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
     def class_scores(self, images) -> np.ndarray:
         """The vote over every class, shape (n, classes), rows summing to 1: for a top-k beyond `predict`."""
-        return voting.combine(self.strategy, self.member_probs(images), self.weights)
+        return self.vote(to_pixels(images))
+
+    def vote(self, pixels: np.ndarray) -> np.ndarray:
+        return voting.combine(self.strategy, self.member_probs(pixels), self.weights)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         try:

@@ -9,7 +9,10 @@ from typing import Any
 
 @dataclass(frozen=True, kw_only=True)
 class TrialSpec:
-    """One CNN variant and how to train it. Defaults are the Kaggle EMNIST/MNIST recipe."""
+    """One CNN variant and how to train it. Defaults are the Kaggle EMNIST/MNIST recipe.
+
+    The recipe: https://www.kaggle.com/code/cdeotte/25-million-images-0-99757-mnist
+    """
 
     # architecture: the Kaggle CNN, widths 1x, 2x, 4x of `width`
     width: int = 32

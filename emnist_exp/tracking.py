@@ -18,7 +18,7 @@ import numpy as np
 import optuna
 from mlflow.models import ModelSignature, infer_signature
 
-from emnist_exp import plots
+from emnist_exp import plots, serving
 from emnist_exp.errors import UserError
 from emnist_exp.spec import TrialSpec
 
@@ -246,12 +246,12 @@ def log_keras_model(model: keras.Model, classes: tuple[str, ...], example: np.nd
     example = example.astype(np.float32)
     signature = infer_signature(example, model.predict(example, verbose=0))
     # save_model + log_artifacts: mlflow 3.17's keras log_model writes the input example before it
-    # creates the model folder, and fails whenever an example is given.
+    # creates the model folder, and fails whenever an example is given (https://github.com/mlflow/mlflow/issues/16183).
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_NAME
         path.mkdir()
         mlflow.keras.save_model(model, str(path), signature=signature, input_example=example,
-                                pip_requirements=_pip_requirements(), metadata={"classes": "".join(classes)})
+                                pip_requirements=_pip_requirements(), metadata=serving.classes_metadata(classes))
         mlflow.log_artifacts(str(path), MODEL_NAME)
 
 
@@ -386,20 +386,13 @@ def load_predictions(run_id: str) -> dict[str, np.ndarray] | None:
         return {k: npz[k] for k in npz.files}
 
 
-def load_keras_model(run_id: str) -> keras.Model:
-    return mlflow.keras.load_model(f"runs:/{run_id}/{MODEL_NAME}")
-
-
 def download_model(run_id: str) -> str:
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_NAME)
 
 
-def model_classes(uri: str) -> tuple[str, ...] | None:
-    """The class list a logged model carries in its metadata."""
-    from mlflow.models import get_model_info  # noqa: PLC0415
-
-    metadata = get_model_info(uri).metadata or {}
-    return tuple(metadata["classes"]) if "classes" in metadata else None
+def model_uri(run_id: str) -> str:
+    """The URI of a trial run's logged model, for serving.load_model."""
+    return f"runs:/{run_id}/{MODEL_NAME}"
 
 
 ENSEMBLE_MODEL = "emnist-ensemble"
@@ -412,8 +405,6 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
 
     Returns the run id and the registered version (None when not registered).
     """
-    from emnist_exp import serving  # noqa: PLC0415
-
     package = str(Path(__file__).resolve().parent)
     tags = {ROLE_TAG: "ensemble", "ensemble.strategy": strategy, "ensemble.members": ",".join(members)}
     if study:
@@ -441,7 +432,7 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
                 name=MODEL_NAME, python_model=serving.EnsembleModel(), artifacts=artifacts,
                 code_paths=[package], signature=signature, pip_requirements=_pip_requirements()
                 + [f"mlflow=={mlflow.__version__}", "pandas", "scipy"],
-                metadata={"classes": "".join(classes)},
+                metadata=serving.classes_metadata(classes),
                 registered_model_name=ENSEMBLE_MODEL if register else None,
             )
         version = getattr(info, "registered_model_version", None)

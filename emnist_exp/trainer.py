@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from emnist_exp import data, model as models
+from emnist_exp.voting import accuracy
 from emnist_exp.spec import TrialSpec
 
 EVAL_BATCH = 512
@@ -37,10 +38,6 @@ class TrainResult:
     @property
     def test_accuracy(self) -> float | None:
         return None if self.test_probs is None else accuracy(self.test_probs, self.test_labels)
-
-
-def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(np.argmax(probs, axis=1) == labels)) if len(labels) else float("nan")
 
 
 def predict(model: keras.Model, ds) -> np.ndarray:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 
+from emnist_exp.errors import UserError
+
 STRATEGIES = ("soft", "hard", "weighted", "greedy")
 EPS = 1e-7
 
@@ -34,7 +36,21 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(probs.argmax(axis=1) == labels))
+    """Share of rows whose highest score is the label's class (NaN for no rows)."""
+    return float(np.mean(np.argmax(probs, axis=1) == labels)) if len(labels) else float("nan")
+
+
+def stack(preds: list[dict[str, np.ndarray]], split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Members' `<split>_probs` as one (members x examples x classes) array, and the labels they share.
+
+    None when a member has no predictions for the split; a UserError when members saw different examples.
+    """
+    if any(f"{split}_probs" not in p for p in preds):
+        return None
+    labels = preds[0][f"{split}_labels"]
+    if any(not np.array_equal(p[f"{split}_labels"], labels) for p in preds):
+        raise UserError(f"members were evaluated on different {split} examples; they cannot vote together.")
+    return np.stack([p[f"{split}_probs"] for p in preds]).astype(np.float32), labels.astype(np.int64)
 
 
 def fit_weights(val_probs: np.ndarray, val_labels: np.ndarray) -> np.ndarray:

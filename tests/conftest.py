@@ -8,6 +8,28 @@ from pathlib import Path
 import pytest
 
 SAMPLE_ENV = "EMNIST_SAMPLE_DIR"
+CHECKOUT = Path(__file__).resolve().parent.parent
+STORES = ("mlruns", "mlflow.db", "optuna.db", "optuna.db-journal")  # the user's own stores in the checkout
+
+
+def store_files() -> dict[str, int]:
+    """Every file of the checkout's local stores, with its modification time in ns."""
+    found = {}
+    for name in STORES:
+        path = CHECKOUT / name
+        for file in ([path] if path.is_file() else path.rglob("*") if path.is_dir() else []):
+            found[str(file.relative_to(CHECKOUT))] = file.stat().st_mtime_ns
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_untouched():
+    """Tests write into temporary folders only: the checkout's mlruns/, mlflow.db and optuna.db stay as they were."""
+    before = store_files()
+    yield
+    after = store_files()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the tests wrote into the checkout's stores: {changed[:10]}"
 
 
 @pytest.fixture(scope="session")

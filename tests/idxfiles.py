@@ -20,11 +20,14 @@ def write_idx_folder(
     name: str = "bymerge",
     splits: Mapping[str, tuple[np.ndarray, Sequence[int]]] | None = None,
     classes: Sequence[str] = BYMERGE_CLASSES,
+    first_label: int = 0,
 ):
     """Write emnist-<name>-<split>-{images,labels} files and the mapping; return `folder`.
 
     `splits` maps "train"/"test" to (upright uint8 images of shape (n, 28, 28), labels). The images
     are written transposed, as in the official files. The default is 5 train and 3 test examples.
+    The mapping names labels first_label, first_label + 1, ... by `classes`; a name of several
+    characters is listed as several codes, as emnist-letters lists `1 65 97` for 'Aa'.
     """
     if splits is None:
         splits = {"train": random_split(5, seed=1), "test": random_split(3, seed=2)}
@@ -34,7 +37,8 @@ def write_idx_folder(
         write_images(os.path.join(folder, f"emnist-{name}-{split}-images-idx3-ubyte.gz"), images)
         write_labels(os.path.join(folder, f"emnist-{name}-{split}-labels-idx1-ubyte.gz"), labels)
     with open(os.path.join(folder, f"emnist-{name}-mapping.txt"), "w") as mapping:
-        mapping.writelines(f"{label} {ord(char)}\n" for label, char in enumerate(classes))
+        mapping.writelines(f"{label} {' '.join(str(ord(c)) for c in name)}\n"
+                           for label, name in enumerate(classes, start=first_label))
     return folder
 
 

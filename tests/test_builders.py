@@ -221,6 +221,7 @@ def test_idx_bad_input_is_one_clear_sentence_before_any_preparation(tmp_path, ma
     assert not (tmp_path / "tfds").exists()
 
 
+@pytest.mark.slow
 def test_idx_reads_the_real_sample(tmp_path):
     folder = os.environ.get("EMNIST_SAMPLE_DIR")
     if not folder:
@@ -289,6 +290,7 @@ def test_synthetic_glyphs_are_upright(tmp_path):
     assert np.mean(quarters["left"]) > 1.2 * np.mean(quarters["right"])
 
 
+@pytest.mark.slow
 def test_synthetic_is_learnable(tmp_path):
     import keras  # here, so that collecting the other tests does not pay for it
     builder = synthetic_builder(3000, data_dir=str(tmp_path / "tfds"))

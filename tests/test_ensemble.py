@@ -92,6 +92,7 @@ def last_ensemble_run():
                               filter_string="tags.`emnist.role` = 'ensemble'", order_by=["attributes.start_time DESC"])[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["soft", "hard", "weighted", "greedy"])
 def test_each_strategy_on_a_real_study_matches_numpy(tiny_study, strategy, capsys):
     assert ensemble.main(["--top", "3", "--study", "tiny", "--strategy", strategy, "--pool", "3",
@@ -120,6 +121,7 @@ def test_each_strategy_on_a_real_study_matches_numpy(tiny_study, strategy, capsy
     assert f"ensemble ({strategy})" in out and "assembled" in out
 
 
+@pytest.mark.slow
 def test_ensemble_run_logs_tables_plots_and_links_members(tiny_ensemble):
     run = last_ensemble_run()
     client = mlflow.tracking.MlflowClient()
@@ -134,6 +136,7 @@ def test_ensemble_run_logs_tables_plots_and_links_members(tiny_ensemble):
     assert csv[0] == "class,character,support,accuracy" and len(csv) == 48
 
 
+@pytest.mark.slow
 def test_registered_model_reproduces_the_logged_test_accuracy(tiny_ensemble):
     run = last_ensemble_run()
     model = mlflow.pyfunc.load_model(f"models:/emnist-ensemble/{tiny_ensemble}")
@@ -147,6 +150,7 @@ def test_registered_model_reproduces_the_logged_test_accuracy(tiny_ensemble):
     assert np.array_equal(floats["class_index"].to_numpy(), out["class_index"].to_numpy())
 
 
+@pytest.mark.slow
 def test_evaluate_prints_accuracy_last_for_any_model_uri(tiny_ensemble, capsys):
     run = last_ensemble_run()
     assert evaluate.main(["--model", f"models:/emnist-ensemble/{tiny_ensemble}", "--dataset", "synthetic:1500"]) == 0
@@ -158,6 +162,7 @@ def test_evaluate_prints_accuracy_last_for_any_model_uri(tiny_ensemble, capsys):
     assert last == f"accuracy {mlflow.get_run(member).data.metrics['test_accuracy']:.4f}"
 
 
+@pytest.mark.slow
 def test_assembly_errors(tiny_study, capsys):
     with pytest.raises(UserError, match="no finished trial runs in study 'nothing-here'"):
         ensemble.main.__wrapped__(["--study", "nothing-here"])
@@ -165,6 +170,7 @@ def test_assembly_errors(tiny_study, capsys):
     assert "fewer than 50; using them all" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_members_from_different_datasets_are_refused(tiny_study, workdir):
     from emnist_exp import train
 

@@ -156,6 +156,7 @@ def parse_line(text: str) -> tuple[str, str, float, list[tuple[str, float]]]:
     return path, character, float(confidence), [(c, float(p)) for c, p in pairs]
 
 
+@pytest.mark.slow
 def test_predict_prints_each_good_file_and_one_error_line_per_bad_one(tiny_ensemble, tmp_path, capsys):
     import mlflow
 
@@ -184,6 +185,7 @@ def test_predict_prints_each_good_file_and_one_error_line_per_bad_one(tiny_ensem
         assert np.array_equal(np.asarray(Image.open(saved / f"{name}.png")), image)
 
 
+@pytest.mark.slow
 def test_predict_with_a_trial_keras_model(tiny_ensemble, tmp_path, capsys):
     import mlflow
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # each test here trains a study, starts a server or runs a script
 PLOTS = {"hyperparameters.png", "augmentation.png", "batch_norm.png", "ensemble_vs_members.png"}
 
 

@@ -63,7 +63,7 @@ def test_parallel_workers_draw_different_trials_and_one_worker_repeats(tmp_path)
         return [suggest_spec(first.ask(), "tuned"), suggest_spec(second.ask(), "tuned")]
 
     run = two_workers(tmp_path / "a.db")
-    assert run[0] != run[1]  # one seed in both workers' samplers used to give both the same trial
+    assert run[0] != run[1]  # one seed in both workers' samplers, yet two different trials
     assert run == two_workers(tmp_path / "b.db")  # and the seed still makes a study reproducible
 
 

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from emnist_exp import preprocess
 
+pytestmark = pytest.mark.slow  # each test here trains a study, starts a server or runs a script
 STARTUP_SECONDS = 240  # TensorFlow and three Keras members load on 2 busy cores
 
 

@@ -13,12 +13,13 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from emnist_exp import data, tracking
+from emnist_exp import data, serving, tracking
 from emnist_exp.spec import TrialSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_runs_form_a_tree_with_params_and_per_epoch_metrics(tiny_study):
     parents = tracking.study_runs("tiny", "study")
     children = tracking.study_runs("tiny", "trial")
@@ -47,6 +48,7 @@ def test_runs_form_a_tree_with_params_and_per_epoch_metrics(tiny_study):
     assert config["seed"] == 7 and config["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_optuna_trials_and_mlflow_runs_point_at_each_other(tiny_study, workdir):
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir / 'optuna.db'}")
     runs = {r.info.run_id: r for r in tracking.study_runs("tiny", "trial")}
@@ -56,6 +58,7 @@ def test_optuna_trials_and_mlflow_runs_point_at_each_other(tiny_study, workdir):
         assert float(run.data.metrics["val_accuracy"]) == pytest.approx(trial.value)
 
 
+@pytest.mark.slow
 def test_logged_model_predicts_as_in_training_and_artifacts_are_compact(tiny_study):
     run = tracking.finished_trials(study="tiny")[0]
     preds = tracking.load_predictions(run.info.run_id)
@@ -74,9 +77,12 @@ def test_logged_model_predicts_as_in_training_and_artifacts_are_compact(tiny_stu
     top_two = np.sort(live, axis=1)[:, -2:]
     clear = top_two[:, 1] - top_two[:, 0] > 1e-4
     np.testing.assert_array_equal(live.argmax(axis=1)[clear], preds["val_probs"].argmax(axis=1)[clear])
-    assert tracking.model_classes(f"runs:/{run.info.run_id}/model") == splits.classes
+    assert serving.load_model(tracking.model_uri(run.info.run_id)).classes == splits.classes
+    info = mlflow.models.get_model_info(tracking.model_uri(run.info.run_id))
+    assert info.metadata["classes"] == list(splits.classes)  # a list, not the names joined into one string
 
 
+@pytest.mark.slow
 def test_rerunning_the_same_study_adds_trials(tiny_study, workdir):
     from emnist_exp import train
 
@@ -114,6 +120,7 @@ def test_pruning_stops_a_bad_trial(workdir):
     assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_mlflow_run_entry_point_end_to_end(workdir):
     """`mlflow run . -e train` with -P parameters: the project's own run becomes the parent."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
