@@ -144,17 +144,19 @@ def test_three_mlflow_run_workers_started_together_on_fresh_stores(tmp_path, tfd
     for attempt in range(3):
         cwd = tmp_path / f"try{attempt}"
         cwd.mkdir()
-        env = clean_env(tfds_dir)
-        prep = subprocess.run([sys.executable, "-m", "emnist_exp.stores"], cwd=cwd, env=env, capture_output=True,
-                              text=True, timeout=600)
+        env = clean_env(tfds_dir)  # no MLFLOW_TRACKING_URI: MLflow's default, ./mlflow.db
+        # `mlflow run` runs its command in the project folder, which is this folder in the README's recipe.
+        storage = f"sqlite:///{cwd / 'optuna.db'}"
+        prep = subprocess.run([sys.executable, "-m", "emnist_exp.stores", "--storage", storage], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=600)
         assert prep.returncode == 0, prep.stderr[-3000:]
-        procs = [mlflow_run(cwd, env, cwd / f"w{s}.log", study="conc", n_trials="2", total_trials="3", seed=str(s))
-                 for s in range(3)]
+        procs = [mlflow_run(cwd, env, cwd / f"w{s}.log", study="conc", n_trials="2", total_trials="3", seed=str(s),
+                            storage=storage) for s in range(3)]
         codes = [finish(p, cwd / f"w{s}.log") for s, p in enumerate(procs)]
         logs = "\n".join(f"--- worker {s} (exit {c})\n{(cwd / f'w{s}.log').read_text()[-2000:]}"
                          for s, c in enumerate(codes))
         assert codes == [0, 0, 0], logs
-        complete = [t for t in trials(f"sqlite:///{cwd / 'optuna.db'}", "conc")
+        complete = [t for t in trials(storage, "conc")
                     if t.state == optuna.trial.TrialState.COMPLETE]
         assert len(complete) == 3, logs
 
