@@ -161,25 +161,35 @@ def test_three_mlflow_run_workers_started_together_on_fresh_stores(tmp_path, tfd
         assert len(complete) == 3, logs
 
 
-def kill_while_migrating(db: Path) -> list[str]:
-    """Create a fresh MLflow store and SIGKILL its process while a migration has a table half rebuilt."""
+def kill_while_migrating(db: Path, attempts: int = 5) -> list[str]:
+    """Create a fresh MLflow store and SIGKILL its process while a migration has a table half rebuilt.
+
+    A kill inside the rebuild's transaction is rolled back by the next opener (SQLite's hot journal),
+    so the store counts as half-migrated only when the leftover copy is still there after a read-write open.
+    """
     code = f"import mlflow; mlflow.MlflowClient('sqlite:///{db}').search_experiments()"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while proc.poll() is None:
-            try:
-                with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as conn:
-                    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-            except sqlite3.Error:
-                names = []
-            leftovers = [n for n in names if n.startswith("_alembic_tmp_")]
-            if leftovers:
-                proc.kill()
-                return leftovers
-            time.sleep(0.01)
-    finally:
-        proc.wait()
-    pytest.fail("the migration finished before a half-rebuilt table was seen")
+    for _ in range(attempts):
+        db.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while proc.poll() is None:
+                try:
+                    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as conn:
+                        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+                except sqlite3.Error:
+                    names = []
+                if any(n.startswith("_alembic_tmp_") for n in names):
+                    proc.kill()
+                    break
+                time.sleep(0.01)
+        finally:
+            proc.wait()
+        with sqlite3.connect(db, timeout=30) as conn:
+            names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        leftovers = [n for n in names if n.startswith("_alembic_tmp_")]
+        if leftovers:
+            return leftovers
+    pytest.fail(f"no kill in {attempts} tries left a half-rebuilt table behind")
 
 
 def test_half_migrated_store_is_one_sentence_and_repairs(tmp_path, tfds_dir):
