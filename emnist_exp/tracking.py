@@ -74,10 +74,15 @@ def prepare_local_store(repair: bool = False) -> str:
             raise UserError(f"{path} was left half-migrated by MLflow processes that created or upgraded it at "
                             f"once (leftover tables {', '.join(leftovers)}): run `python -m emnist_exp.stores "
                             "--repair`, which removes only those copies and finishes the upgrade, keeping every run.")
+        import sqlalchemy.exc  # noqa: PLC0415
+
         try:
             mlflow.MlflowClient().search_experiments(max_results=1)
-        except mlflow.exceptions.MlflowException as exc:
-            raise UserError(f"cannot open the MLflow store {uri}: {str(exc).splitlines()[0]}") from None
+        except (mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError) as exc:
+            # e.g. a migration killed between two of its statements: no leftover copy, a schema half changed
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise UserError(f"cannot open or upgrade the MLflow store {uri} ({reason}); its schema is changed in a "
+                            "way no repair here undoes, so restore it from a backup.") from None
     return uri
 
 
