@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 demo: install
 	mlflow run . -e train -P preset=quick --env-manager local
 	python -m emnist_exp.ensemble --study quick --top 3
-	@echo "see the runs: .venv/bin/mlflow ui"
+	@echo "see the runs: .venv/bin/mlflow ui, then the address printed above"
 
 test: install
 	python -m pytest -q

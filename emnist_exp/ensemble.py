@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from emnist_exp import console
 from emnist_exp.errors import UserError, cli_main
 from emnist_exp.voting import STRATEGIES
 
@@ -28,10 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="soft: mean probability (default); hard: majority vote; weighted: weights fitted "
                         "on validation; greedy: Caruana forward selection on validation from --pool")
     parser.add_argument("--pool", type=int, default=10, help="candidates for greedy selection (default: 10)")
-    parser.add_argument("--reinfer", action="store_true",
-                        help="recompute member predictions with their models instead of the logged ones")
-    parser.add_argument("--no-register", dest="register", action="store_false",
-                        help="log the ensemble run but do not register a model version")
+    parser.add_argument("--reinfer", nargs="?", type=int, const=1, default=0, metavar="0|1",
+                        help="1 (or the flag alone): recompute member predictions with their models instead of "
+                        "the logged ones (default: 0)")
+    parser.add_argument("--register", type=int, default=1, metavar="0|1",
+                        help="0: log the ensemble run but do not register a model version (default: 1)")
+    parser.add_argument("--no-register", dest="register", action="store_const", const=0, help="same as --register 0")
+    console.add_verbose_flag(parser)
     return parser
 
 
@@ -80,10 +84,10 @@ def matrix_csv(matrix: np.ndarray, names: list[str]) -> str:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from emnist_exp import console  # noqa: PLC0415
-
-    console.quiet()
+    console.quiet(verbose=bool(args.verbose))
     from emnist_exp import members, plots, tracking, voting  # noqa: PLC0415
+
+    console.quiet_libraries()
 
     study, runs = select_members(args)
     started = time.perf_counter()
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({'re-inference' if args.reinfer else 'logged predictions'}); ensemble run {run_id}")
     if version:
         print(f"registered models:/{tracking.ENSEMBLE_MODEL}/{version}")
+    print(f"runs: {tracking.experiment_url(runs[0].info.experiment_id)} (`mlflow ui` for a local store)")
     return 0
 
 

@@ -49,6 +49,7 @@ class Objective:
         self.cfg = cfg
         self.splits = splits
         self.on_start = on_start  # told once each trial exists in the storage (the trial cap's claim)
+        self.datasets = tracking.split_datasets(cfg.dataset, data.split_records(splits), len(splits.classes))
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg, splits = self.cfg, self.splits
@@ -63,6 +64,7 @@ class Objective:
         trial.set_user_attr("worker", WORKER)  # which machine and process ran (or lost) this trial
         with tracking.trial_run(cfg.study, trial.number, spec, seed, extra) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            tracking.log_datasets(self.datasets)
             pruning = PruningCallback(trial)
             result = trainer.train_spec(spec, splits, epochs=cfg.epochs, patience=cfg.patience, seed=seed,
                                         shuffle_buffer=cfg.shuffle_buffer,
@@ -85,7 +87,7 @@ class Objective:
         if result.test_probs is not None:
             wrong = np.flatnonzero(result.test_probs.argmax(axis=1) != result.test_labels)[:48]
             images = data.images_at(self.splits.test, wrong)
+        model_id = tracking.log_keras_model(result.model, self.splits.classes,
+                                            data.images_at(self.splits.val, range(min(4, self.splits.counts["val"]))))
         tracking.log_trial_result(result, spec, self.splits.classes, param_count=result.model.count_params(),
-                                  test_images=images, wrong_index=wrong)
-        tracking.log_keras_model(result.model, self.splits.classes,
-                                 data.images_at(self.splits.val, range(min(4, self.splits.counts["val"]))))
+                                  model_id=model_id, datasets=self.datasets, test_images=images, wrong_index=wrong)

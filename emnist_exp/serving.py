@@ -110,11 +110,6 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         # float16, like the predictions the trials logged, so served and logged votes agree exactly.
         return np.stack([m.predict(pixels, batch_size=BATCH, verbose=0).astype(np.float16) for m in self.members])
 
-    @staticmethod
-    def example_output(classes: tuple[str, ...]) -> pd.DataFrame:
-        return pd.DataFrame({"class_index": np.zeros(2, np.int64), "character": [classes[0]] * 2,
-                             "probability": np.ones(2)})
-
     def class_scores(self, images) -> np.ndarray:
         """The vote over every class, shape (n, classes), rows summing to 1: for a top-k beyond `predict`."""
         return self.vote(to_pixels(images))
@@ -122,7 +117,11 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     def vote(self, pixels: np.ndarray) -> np.ndarray:
         return voting.combine(self.strategy, self.member_probs(pixels), self.weights)
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """The `top_k` best classes of each image (params, default 1): one row per image and rank, best first."""
+        top_k = int((params or {}).get("top_k", 1))
+        if not 1 <= top_k <= len(self.classes):
+            raise ValueError(f"top_k must be between 1 and {len(self.classes)}, got {top_k}")
         try:
             scores = self.class_scores(model_input)
         except ValueError as exc:  # bad input: the REST client gets our sentence, not a stack trace
@@ -130,9 +129,18 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
             from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: PLC0415
 
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        index = scores.argmax(axis=1)
-        return pd.DataFrame({
-            "class_index": index.astype(np.int64),
-            "character": [self.classes[i] for i in index],
-            "probability": scores[np.arange(len(index)), index].astype(np.float64),
-        })
+        return ranked_frame(scores, self.classes, top_k)
+
+
+def ranked_frame(scores: np.ndarray, classes: tuple[str, ...], top_k: int) -> pd.DataFrame:
+    """Rows (image, rank, class_index, character, probability): the top_k classes of each row of scores."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+    n = len(scores)
+    index = order.reshape(-1)
+    return pd.DataFrame({
+        "image": np.repeat(np.arange(n, dtype=np.int64), top_k),
+        "rank": np.tile(np.arange(1, top_k + 1, dtype=np.int64), n),
+        "class_index": index.astype(np.int64),
+        "character": [classes[i] for i in index],
+        "probability": np.take_along_axis(scores, order, axis=1).reshape(-1).astype(np.float64),
+    })

@@ -6,17 +6,26 @@ import contextlib
 import io
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 import keras
 import mlflow
 import numpy as np
 import optuna
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from emnist_exp import plots, serving
 from emnist_exp.errors import UserError
@@ -26,8 +35,16 @@ ROLE_TAG = "emnist.role"  # study | trial | ensemble
 STUDY_TAG = "optuna.study"
 TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"
+WORKER_TAG = "worker"  # host, seed and process of the worker behind a study run
+MOVED_TAG = "emnist.moved_to"  # on `mlflow run`'s own run in Default: the run that replaced it
+HANDED_OVER_TAG = "emnist.handed_over_ms"  # ... and when (the end time it got then)
 PREDICTIONS = "predictions.npz"
 MODEL_NAME = "model"
+# The MLflow 3 UI opens an experiment in the view this tag names (its JS bundle reads
+# `mlflow.experimentKind`); without it an experiment may open on the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"  # the UI's "Machine learning" view
+DEFAULT_EXPERIMENT_ID = "0"  # "Default": where `mlflow run` puts its run when no experiment is named
 
 
 def quoted(value: str) -> str:
@@ -106,15 +123,121 @@ def _migration_leftovers(path: Path, repair: bool) -> list[str]:
     return []
 
 
+def study_experiment(name: str) -> str:
+    """The id of the experiment called `name`, created for the model-training view if it is new."""
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name, artifact_location=beside_default(client, name),
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except MlflowException:  # another worker of the study created it a moment ago
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if found.lifecycle_stage == "deleted":
+        raise UserError(f"MLflow experiment {name!r} is deleted: restore it with `mlflow experiments restore "
+                        f"--experiment-id {found.experiment_id}`, or name another study or experiment.")
+    return found.experiment_id
+
+
+def beside_default(client: mlflow.MlflowClient, name: str) -> str | None:
+    """A local artifact folder next to Default's, or None to let the store or server decide.
+
+    A local store puts a new experiment's artifacts under the working directory, and `mlflow run`
+    runs the entry point in the project folder, not where the user (and Default's artifacts) are.
+    """
+    try:
+        location = client.get_experiment(DEFAULT_EXPERIMENT_ID).artifact_location
+    except MlflowException:
+        return None
+    if urlparse(location).scheme not in ("", "file"):
+        return None
+    folder = Path(urlparse(location).path).parent / re.sub(r"[^\w.-]", "_", name)
+    return folder.as_uri()
+
+
+def experiment_url(experiment_id: str) -> str:
+    """Where the experiment's runs are in the UI, in its model-training view.
+
+    MLflow 3.17's UI opens experiments in the view of its GenAI / Model training switch (kept in
+    the browser, GenAI at first) and reads the experiment's kind tag only without that switch;
+    `workflowType` in the address sets the switch.
+    """
+    uri = mlflow.get_tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def chosen_experiment() -> str | None:
+    """The experiment the user named (MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID), or None."""
+    if name := os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        return study_experiment(name)
+    return os.environ.get("MLFLOW_EXPERIMENT_ID") or None
+
+
+def start_entry_run(*, run_name: str, tags: dict[str, str], experiment: str = "",
+                    experiment_id: str = "") -> mlflow.ActiveRun:
+    """An entry point's run: in the experiment the user named, else in `experiment` (a name) or `experiment_id`.
+
+    `mlflow run` creates its run before this code starts and passes it as MLFLOW_RUN_ID. In an
+    experiment the user named (--experiment-name/-id) that run is used as it is. In "Default",
+    where `mlflow run` falls back when none is named, it is replaced: a new run in our experiment
+    takes over its parameters and tags, and the original ends FINISHED, tagged with its
+    replacement. `mlflow run` ends it once more when the command exits (and fails if it is
+    deleted by then), so the next entry point's tidy_default deletes it.
+    """
+    client = mlflow.MlflowClient()
+    tidy_default(client)
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    outer = client.get_run(launched) if launched else None
+    if outer is not None:
+        chosen = None if outer.info.experiment_id == DEFAULT_EXPERIMENT_ID else outer.info.experiment_id
+    else:
+        chosen = chosen_experiment()
+    target = chosen or experiment_id or study_experiment(experiment)
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(target).tags:  # a user's experiment, or an older one
+        client.set_experiment_tag(target, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    mlflow.set_experiment(experiment_id=target)  # nested runs follow it, not MLFLOW_EXPERIMENT_ID
+    if outer is not None and chosen:
+        return mlflow.start_run(run_id=launched, run_name=run_name, tags=tags)
+    if outer is None:
+        return mlflow.start_run(run_name=run_name, tags=tags)
+    carried = {k: v for k, v in outer.data.tags.items() if k != "mlflow.runName"}
+    run = mlflow.start_run(run_name=run_name, tags={**carried, **tags})
+    mlflow.log_params(outer.data.params)
+    handed_over = int(time.time() * 1000)
+    client.set_tag(launched, MOVED_TAG, run.info.run_id)
+    client.set_tag(launched, HANDED_OVER_TAG, str(handed_over))
+    client.set_terminated(launched, "FINISHED", end_time=handed_over)
+    return run
+
+
+def tidy_default(client: mlflow.MlflowClient) -> list[str]:
+    """Delete the runs start_entry_run replaced once their `mlflow run` has exited; returns their ids.
+
+    `mlflow run` ends its run when its command exits, which moves the end time past the hand-over.
+    """
+    where = f"tags.`{MOVED_TAG}` LIKE '%' and attributes.status = 'FINISHED'"
+    deleted = []
+    for run in client.search_runs([DEFAULT_EXPERIMENT_ID], filter_string=where, max_results=1000):
+        if (run.info.end_time or 0) > int(run.data.tags.get(HANDED_OVER_TAG, "0")):
+            client.delete_run(run.info.run_id)
+            deleted.append(run.info.run_id)
+    return deleted
+
+
 @contextlib.contextmanager
 def study_run(config: dict[str, Any], *, storage: str, sampler: str) -> Iterator[mlflow.ActiveRun]:
-    """The parent run: `mlflow run`'s own run (MLFLOW_RUN_ID) or a new one. `storage` is redacted."""
+    """The parent run `study-<name>` in the study's experiment (see start_entry_run). `storage` is redacted."""
     prepare_local_store()
-    launched = bool(os.environ.get("MLFLOW_RUN_ID"))  # by `mlflow run`, our parent process
-    run = mlflow.start_run(run_name=None if launched else f"study-{config['study']}")
-    with _ending(run, launcher=os.getppid() if launched else None):
-        mlflow.set_tags({ROLE_TAG: "study", STUDY_TAG: config["study"], "dataset": config["dataset"],
-                         "optuna.sampler": sampler, "optuna.storage": storage, "git_commit": git_commit()})
+    worker = f"{socket.gethostname()} seed {config['seed']} pid {os.getpid()}"
+    tags = {ROLE_TAG: "study", STUDY_TAG: config["study"], WORKER_TAG: worker, "dataset": config["dataset"],
+            "optuna.sampler": sampler, "optuna.storage": storage, "git_commit": git_commit()}
+    launched = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run`'s run, which start_entry_run may keep
+    run = start_entry_run(run_name=f"study-{config['study']}", tags=tags, experiment=config["study"])
+    kept = launched is not None and run.info.run_id == launched  # then `mlflow run`, our parent, ends it too
+    with _ending(run, launcher=os.getppid() if kept else None):
         # `mlflow run` already logged the raw -P values under their own names: resolved ones get a prefix.
         mlflow.log_params({f"config.{k}": v for k, v in config.items()})
         mlflow.log_dict(config, "config.json")
@@ -199,6 +322,38 @@ def set_state(state: str) -> None:
     mlflow.set_tag(STATE_TAG, state)
 
 
+IMAGES_SCHEMA = Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28, 1), "image"),
+                        TensorSpec(np.dtype(np.int64), (-1,), "label")])
+
+
+class SplitDataset(MetaDataset):
+    """One split as an MLflow dataset: metadata only (the examples stay where they are), counts as its profile."""
+
+    def __init__(self, spec: str, record, num_classes: int):
+        self.record = record
+        self.num_classes = num_classes
+        super().__init__(LocalArtifactDatasetSource(record.location), name=spec, digest=record.digest,
+                         schema=IMAGES_SCHEMA)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return {"num_rows": self.record.count, "num_classes": self.num_classes, "slice": self.record.slice}
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+
+def split_datasets(spec: str, records: list, num_classes: int) -> dict[str, SplitDataset]:
+    """data.split_records as MLflow datasets, keyed by context (training, validation, test)."""
+    return {r.context: SplitDataset(spec, r, num_classes) for r in records}
+
+
+def log_datasets(datasets: dict[str, SplitDataset]) -> None:
+    """The active run's inputs: the UI's Dataset column, with each split's context."""
+    for context, dataset in datasets.items():
+        mlflow.log_input(dataset, context=context)
+
+
 def end_stale_trial_run(study: str, number: int, run_id: str | None = None) -> list[str]:
     """End a dead worker's trial run, and its study run if still RUNNING, as FAILED. Returns their ids.
 
@@ -246,18 +401,15 @@ def _pip_requirements() -> list[str]:
     return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"numpy=={np.__version__}"]
 
 
-def log_keras_model(model: keras.Model, classes: tuple[str, ...], example: np.ndarray) -> None:
-    """The model as an MLflow Keras model: raw-pixel input, signature, example, class list."""
+def log_keras_model(model: keras.Model, classes: tuple[str, ...], example: np.ndarray) -> str:
+    """The model as an MLflow LoggedModel (raw-pixel input, signature, class list); returns its model id."""
     example = example.astype(np.float32)
     signature = infer_signature(example, model.predict(example, verbose=0))
-    # save_model + log_artifacts: mlflow 3.17's keras log_model writes the input example before it
-    # creates the model folder, and fails whenever an example is given (https://github.com/mlflow/mlflow/issues/16183).
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / MODEL_NAME
-        path.mkdir()
-        mlflow.keras.save_model(model, str(path), signature=signature, input_example=example,
-                                pip_requirements=_pip_requirements(), metadata=serving.classes_metadata(classes))
-        mlflow.log_artifacts(str(path), MODEL_NAME)
+    # No input_example: mlflow 3.17's keras log_model writes it before it creates the model folder
+    # and fails (mlflow#16183). The signature alone still makes a LoggedModel.
+    info = mlflow.keras.log_model(model, name=MODEL_NAME, signature=signature, pip_requirements=_pip_requirements(),
+                                  metadata=serving.classes_metadata(classes))
+    return info.model_id
 
 
 def save_predictions(path: Path, classes: tuple[str, ...], **arrays: np.ndarray | None) -> None:
@@ -268,13 +420,18 @@ def save_predictions(path: Path, classes: tuple[str, ...], **arrays: np.ndarray 
 
 
 def log_trial_result(result, spec: TrialSpec, classes: tuple[str, ...], *, param_count: int,
+                     model_id: str | None = None, datasets: dict[str, SplitDataset] | None = None,
                      test_images: np.ndarray | None = None, wrong_index: np.ndarray | None = None) -> None:
-    """Final metrics, the model, compact predictions and the plots of one finished trial."""
-    metrics = {"val_accuracy": result.val_accuracy, "epochs_run": result.epochs_run,
-               "train_seconds": result.seconds, "param_count": param_count}
+    """Final metrics, compact predictions and the plots of one finished trial.
+
+    The accuracies are linked to the trial's LoggedModel and to the split they were measured on,
+    so `mlflow.search_logged_models(order_by=[{"field_name": "metrics.val_accuracy"}])` ranks the models.
+    """
+    datasets = datasets or {}
+    mlflow.log_metrics({"epochs_run": result.epochs_run, "train_seconds": result.seconds, "param_count": param_count})
+    mlflow.log_metrics({"val_accuracy": result.val_accuracy}, model_id=model_id, dataset=datasets.get("validation"))
     if result.test_accuracy is not None:
-        metrics["test_accuracy"] = result.test_accuracy
-    mlflow.log_metrics(metrics)
+        mlflow.log_metrics({"test_accuracy": result.test_accuracy}, model_id=model_id, dataset=datasets.get("test"))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / PREDICTIONS
         save_predictions(path, classes, val_probs=result.val_probs, val_labels=result.val_labels,
@@ -323,7 +480,10 @@ def log_study_summary(study: optuna.Study) -> None:
     log_figure(ovm.plot_optimization_history(study).figure, "plots/optimization_history.png")
     if len(complete) >= 2:
         try:
-            log_figure(ovm.plot_param_importances(study).figure, "plots/param_importances.png")
+            with warnings.catch_warnings():  # a study whose parameters barely matter has nothing to label
+                warnings.filterwarnings("ignore", message="No artists with labels found")
+                figure = ovm.plot_param_importances(study).figure
+            log_figure(figure, "plots/param_importances.png")
         except (ValueError, RuntimeError) as exc:  # e.g. every trial had the same parameters
             print(f"note: no parameter-importance plot ({exc})")
 
@@ -401,6 +561,8 @@ def model_uri(run_id: str) -> str:
 
 
 ENSEMBLE_MODEL = "emnist-ensemble"
+ENSEMBLE_OUTPUTS = Schema([ColSpec("long", "image"), ColSpec("long", "rank"), ColSpec("long", "class_index"),
+                           ColSpec("string", "character"), ColSpec("double", "probability")])  # serving.ranked_frame
 
 
 def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, members: list[str],
@@ -415,9 +577,8 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
     if study:
         tags[STUDY_TAG] = study
     name = f"ensemble-{study or 'runs'} {strategy} x{len(members)}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
+    with start_entry_run(run_name=name, tags=tags, experiment_id=experiment_id) as run:
         mlflow.log_params({"strategy": strategy, "n_members": len(members), "members": ",".join(members)})
-        mlflow.log_metrics(metrics)
         mlflow.log_dict({"members": members, "weights": None if weights is None else weights.tolist(),
                          "strategy": strategy}, "ensemble.json")
         for path, text in tables.items():
@@ -430,16 +591,18 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
                                              "weights": None if weights is None else weights.tolist()}))
             artifacts = {"ensemble": str(spec_path)}
             artifacts.update({f"member_{i}": download_model(r) for i, r in enumerate(members)})
-            # Outputs only: an input schema would pin one dtype, and the model takes uint8 and float alike.
-            outputs = infer_signature(np.zeros((2, 28, 28)), serving.EnsembleModel.example_output(classes)).outputs
-            signature = ModelSignature(inputs=None, outputs=outputs)
+            # No input schema: it would pin one dtype, and the model takes uint8 and float alike.
+            params = ParamSchema([ParamSpec("top_k", "long", 1)])  # REST clients ask for a top-k this way
             info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME, python_model=serving.EnsembleModel(), artifacts=artifacts,
-                code_paths=[package], signature=signature, pip_requirements=_pip_requirements()
-                + [f"mlflow=={mlflow.__version__}", "pandas", "scipy"],
+                name=MODEL_NAME, python_model=str(Path(package) / "ensemble_model.py"), artifacts=artifacts,
+                code_paths=[package], signature=ModelSignature(inputs=None, outputs=ENSEMBLE_OUTPUTS, params=params),
+                input_example=np.zeros((2, 28, 28), np.uint8),
+                pip_requirements=_pip_requirements() + [f"mlflow=={mlflow.__version__}", "pandas", "scipy"],
                 metadata=serving.classes_metadata(classes),
                 registered_model_name=ENSEMBLE_MODEL if register else None,
             )
+        # After the model, so that the ensemble's LoggedModel carries its accuracies.
+        mlflow.log_metrics(metrics, model_id=info.model_id)
         version = getattr(info, "registered_model_version", None)
         return run.info.run_id, None if version is None else str(version)
 

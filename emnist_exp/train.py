@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from emnist_exp import console
 from emnist_exp.errors import cli_main
 
 OPTIONS = [  # (flag, help) — one flag per MLproject parameter of the `train` entry point; defaults come from Config
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, name)
         shown = f" (default: {default})" if default not in ("", None) else ""
         parser.add_argument(*flags, dest=name, default=None, metavar=name.upper(), help=text + shown)
+    console.add_verbose_flag(parser)
     return parser
 
 
@@ -60,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from emnist_exp import console  # noqa: PLC0415
     from emnist_exp.config import resolve  # noqa: PLC0415 (keep --help free of TensorFlow)
 
-    console.quiet()
-    cfg = resolve(parse_args(argv))
+    args = parse_args(argv)
+    console.quiet(verbose=bool(args.pop("verbose")))
+    cfg = resolve(args)
     from emnist_exp import data, storage, study as studies, tracking  # noqa: PLC0415
     from emnist_exp.objective import Objective  # noqa: PLC0415
 
@@ -81,7 +83,7 @@ def run(argv: list[str] | None = None) -> int:
     logged = {**cfg.to_dict(), "storage": storage.redact(cfg.storage)}  # never a password in the run
     url = cfg.storage or storage.DEFAULT_STORAGE
     objective = Objective(cfg, splits, on_start=cap.claimed if cap else None)
-    with tracking.study_run(logged, storage=storage.redact(url), sampler=str(study.sampler)):
+    with tracking.study_run(logged, storage=storage.redact(url), sampler=str(study.sampler)) as run:
         try:
             if cap is None or cap.has_room(study):  # holds the study's lock until the first trial is claimed
                 study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout or None, callbacks=callbacks,
@@ -93,6 +95,7 @@ def run(argv: list[str] | None = None) -> int:
             if cap:
                 cap.lock.release()  # still held if this worker stopped (timeout, error) before claiming a trial
         tracking.log_study_summary(study)
+    print(f"runs: {tracking.experiment_url(run.info.experiment_id)} (`mlflow ui` for a local store)", file=sys.stderr)
     return 0
 
 

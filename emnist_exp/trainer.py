@@ -10,8 +10,8 @@ import keras
 import numpy as np
 
 from emnist_exp import data, model as models
-from emnist_exp.voting import accuracy
 from emnist_exp.spec import TrialSpec
+from emnist_exp.voting import accuracy
 
 EVAL_BATCH = 512
 
@@ -45,6 +45,22 @@ def predict(model: keras.Model, ds) -> np.ndarray:
     return model.predict(data.eval_pipeline(ds, batch_size=EVAL_BATCH), verbose=0)
 
 
+class EpochLine(keras.callbacks.Callback):
+    """One console line per epoch; Keras' verbose=2 spends two on it (an "Epoch i/n" header, then the numbers)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self.started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        numbers = " - ".join(f"{name}: {float(value):.4g}" for name, value in (logs or {}).items())
+        print(f"epoch {epoch + 1}/{self.epochs} - {time.perf_counter() - self.started:.0f}s - {numbers}", flush=True)
+
+
 def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: int, seed: int,
                shuffle_buffer: int, callbacks: list | None = None, verbose: int = 2) -> TrainResult:
     """Fit with early stopping on validation accuracy (best weights kept), then predict val and test."""
@@ -63,8 +79,9 @@ def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: i
     stop = keras.callbacks.EarlyStopping("val_accuracy", patience=patience, restore_best_weights=True)
     nan = keras.callbacks.TerminateOnNaN()
     started = time.perf_counter()
-    fit = net.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose,
-                  callbacks=[*models.schedule_callbacks(spec), nan, stop, *(callbacks or [])])
+    lines = [EpochLine(epochs)] if verbose == 2 else []
+    fit = net.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0 if lines else verbose,
+                  callbacks=[*models.schedule_callbacks(spec), nan, stop, *(callbacks or []), *lines])
     seconds = time.perf_counter() - started
     history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
     diverged = any(not math.isfinite(v) for v in history.get("loss", []))

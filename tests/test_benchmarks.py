@@ -61,13 +61,40 @@ def test_accuracy_benchmark_smoke(workdir, tmp_path):
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "optuna.db").exists()
 
 
-def test_memory_benchmark_smoke(workdir):
-    out = run_script("memory.py", "--smoke")
-    rows = re.findall(r"^(\S.*?)\s+([\d,]+)\s+(\d+)\s+([\d,]+)\s+([+-][\d.]+%)$", out, flags=re.M)
-    assert [r[0] for r in rows] == ["300 images", "synthetic:600", "synthetic:1200"], out
-    assert [int(r[1].replace(",", "")) for r in rows] == [270, 540, 1080]
-    rss = [float(r[3].replace(",", "")) for r in rows]
-    assert [r[4] for r in rows] == [f"{v / rss[0] - 1:+.1%}" for v in rss]  # each row against the first
+def test_memory_benchmark_smoke(workdir, tmp_path):
+    """The user's path at toy size: official-layout folders built by repeating a source, then damaged copies."""
+    from idxfiles import random_split, write_idx_folder
+
+    splits = {"train": random_split(600, seed=1), "test": random_split(60, seed=2)}
+    source = write_idx_folder(tmp_path / "source", splits=splits)
+    out = run_script("memory.py", "--smoke", "--sample", str(source))
+    rows = re.findall(r"^(\S.*?)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)x$", out, flags=re.M)
+    assert [r[0] for r in rows] == ["300 images", "the source x3"], out
+    assert [int(r[1].replace(",", "")) for r in rows] == [270, 1620]  # train after carving validation
+    assert all(float(cell.replace(",", "")) > 100 for r in rows for cell in r[2:5])  # a real process's RSS, in MB
+    epoch_mb = [float(r[4].replace(",", "")) for r in rows]
+    assert all(abs(float(r[5]) - mb / epoch_mb[0]) < 0.01 for r, mb in zip(rows, epoch_mb))  # each against the first
+    growth = re.findall(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)\s+([\d.]+)x$",
+                        out, flags=re.M)
+    assert [float(g[1]) for g in growth] == [1.0, 6.0], out
+    sentences = dict(re.findall(r"^(truncated images file|wrong count|label out of range)\s+(.*)$", out, flags=re.M))
+    images, labels = "emnist-bymerge-train-images-idx3-ubyte.gz", "emnist-bymerge-train-labels-idx1-ubyte.gz"
+    assert sentences == {
+        "truncated images file": f"{images} is truncated: its gzip stream ends early.",
+        "wrong count": f"{images} holds 300 images but {labels} holds 299 labels.",
+        "label out of range": f"{labels} holds label 47, which emnist-bymerge-mapping.txt does not list.",
+    }, out
+
+
+def test_tfds_emnist_benchmark_smoke(workdir):
+    """On tfds.testing.mock_data (said so in its table): read_split outpaces tfds' per-record path."""
+    out = run_script("tfds_emnist.py", "--smoke")
+    assert "tfds.testing.mock_data" in out.splitlines()[0]
+    rates = {name: float(rate.replace(",", "")) for name, rate in
+             re.findall(r"^(\S.*?)\s{2,}([\d,]+)\s+[\d.]+x$", out, flags=re.M)}
+    assert set(rates) == {"training (seed CNN, batch 128), before", "training (seed CNN, batch 128), after",
+                          "pipeline, tfds as_dataset", "pipeline, read_split"}, out
+    assert rates["pipeline, read_split"] > rates["pipeline, tfds as_dataset"]
 
 
 def test_strategies_benchmark_cross_fits_on_validation(tiny_study):
@@ -76,11 +103,12 @@ def test_strategies_benchmark_cross_fits_on_validation(tiny_study):
     found = re.findall(rf"^({names})\s+([\d.]+)\s+([\d.]+)$", out, flags=re.M)
     rows = {name: (float(val), float(test)) for name, val, test in found}
     assert set(rows) == {"best member", "soft", "hard", "weighted", "greedy", "oracle (any member)"}, out
-    assert "3 finished trials" in out and "2-fold cross-fitted" in out
     # Test columns recomputed here from the members' logged predictions.
     from emnist_exp import tracking, voting
 
-    preds = [tracking.load_predictions(r.info.run_id) for r in tracking.finished_trials(study=tiny_study["study"])[:3]]
+    runs = tracking.finished_trials(study=tiny_study["study"])  # 3, or more when test_train added one
+    assert f"{len(runs)} finished trials" in out and "2-fold cross-fitted" in out
+    preds = [tracking.load_predictions(r.info.run_id) for r in runs[:3]]
     (val, val_labels), (test, labels) = voting.stack(preds, "val"), voting.stack(preds, "test")
     best = int(np.argmax([voting.accuracy(p, val_labels) for p in val]))
     oracle = (test.argmax(axis=2) == labels).any(axis=0).mean()

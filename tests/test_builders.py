@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from idxfiles import random_split, write_idx_folder, write_images, write_labels
+from tensorflow_datasets.core import shuffle
 
-from emnist_exp.builders.idx import EmnistIdx, idx_builder
+from emnist_exp.builders import idx
+from emnist_exp.builders.idx import BLOCK_ITEMS, EmnistIdx, idx_builder
 from emnist_exp.builders.synthetic import synthetic_builder
 from emnist_exp.classes import BYMERGE_CLASSES
 from emnist_exp.errors import UserError
@@ -179,6 +181,27 @@ def make_not_gzip(folder):
     return folder
 
 
+def make_bad_crc(folder):
+    write_idx_folder(folder)
+    data = bytearray((folder / TRAIN_IMAGES).read_bytes())
+    data[-8] ^= 0xFF  # the gzip trailer's CRC-32 of the decompressed bytes
+    (folder / TRAIN_IMAGES).write_bytes(bytes(data))
+    return folder
+
+
+def make_two_gzip_streams(folder):
+    write_idx_folder(folder)
+    data = (folder / TRAIN_IMAGES).read_bytes()
+    (folder / TRAIN_IMAGES).write_bytes(data + data)
+    return folder
+
+
+def make_more_images_than_the_header(folder):
+    write_idx_folder(folder)
+    write_images(folder / TRAIN_IMAGES, random_split(6, seed=0)[0], count=5)
+    return folder
+
+
 def make_count_mismatch(folder):
     write_idx_folder(folder)
     write_labels(folder / TRAIN_LABELS, [1, 2, 3, 4])  # the images file holds 5
@@ -205,6 +228,11 @@ def make_unknown_label(folder):
         (make_truncated, rf"^{TRAIN_IMAGES} is truncated: header says 100 images but the file holds 37\.$"),
         (make_cut_gzip, rf"^{TRAIN_IMAGES} is truncated: its gzip stream ends early\.$"),
         (make_not_gzip, rf"^{TRAIN_IMAGES} is corrupt: it is not a gzip file\.$"),
+        (make_bad_crc, rf"^{TRAIN_IMAGES} is corrupt: its gzip data is damaged \(.*incorrect data check\)\.$"),
+        (make_two_gzip_streams,
+         rf"^{TRAIN_IMAGES} has bytes after its gzip stream; EMNIST's files hold one stream each\.$"),
+        (make_more_images_than_the_header,
+         rf"^{TRAIN_IMAGES} is longer than its header says: 5 images, then more bytes\.$"),
         (make_count_mismatch, rf"^{TRAIN_IMAGES} holds 5 images but {TRAIN_LABELS} holds 4 labels\.$"),
         (make_unknown_label, rf"^{TRAIN_LABELS} holds label 47, which emnist-bymerge-mapping\.txt does not list\.$"),
     ],
@@ -219,6 +247,58 @@ def test_idx_bad_input_is_one_clear_sentence_before_any_preparation(tmp_path, ma
     sentence = str(raised.value)
     assert sentence.endswith(".") and "\n" not in sentence
     assert not (tmp_path / "tfds").exists()
+
+
+def test_idx_streams_files_of_many_blocks(tmp_path):
+    upright, labels = random_split(2 * BLOCK_ITEMS + 7, seed=10)  # two whole blocks and a part
+    folder = write_idx_folder(tmp_path / "emnist", splits={"train": (upright, labels)})
+
+    builder = idx_builder(str(folder), data_dir=str(tmp_path / "tfds"))
+
+    images, read_labels = read_split(builder, "train")
+    np.testing.assert_array_equal(images, upright.transpose(0, 2, 1))
+    np.testing.assert_array_equal(read_labels, labels)
+
+
+def test_idx_preparation_spilled_to_disk_keeps_the_files_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(idx, "SPILL_AT", 20_000)  # bytes: tfds' writer spills after ~25 of 600 examples
+    upright, labels = random_split(600, seed=13)
+    folder = write_idx_folder(tmp_path / "emnist", splits={"train": (upright, labels)})
+
+    builder = idx_builder(str(folder), data_dir=str(tmp_path / "tfds"))
+
+    images, read_labels = read_split(builder, "train")
+    np.testing.assert_array_equal(images, upright.transpose(0, 2, 1))
+    np.testing.assert_array_equal(read_labels, labels)
+    assert shuffle.MAX_MEM_BUFFER_SIZE == 1000 << 20  # tfds' own limit again once prepared
+
+
+def test_idx_prepared_folder_opens_without_inflating_a_file(tmp_path, monkeypatch):
+    folder = str(write_idx_folder(tmp_path / "emnist", splits={"train": random_split(50, seed=11)}))
+    first = idx_builder(folder, data_dir=str(tmp_path / "tfds"))
+
+    def inflate(path):
+        raise AssertionError(f"{path} was decompressed, but its folder is prepared")
+
+    monkeypatch.setattr(idx, "inflate", inflate)
+    again = idx_builder(folder, data_dir=str(tmp_path / "tfds"))
+
+    assert again.builder_config.name == first.builder_config.name
+
+
+def test_idx_key_changes_when_one_image_inside_changes(tmp_path):
+    upright, labels = random_split(3 * BLOCK_ITEMS, seed=12)  # images files far longer than the key reads
+    folder = write_idx_folder(tmp_path / "emnist", splits={"train": (upright, labels)})
+    data_dir = str(tmp_path / "tfds")
+    before = idx_builder(str(folder), data_dir)
+    changed = upright.copy()
+    changed[len(changed) // 2, 10, 10] ^= 1  # one pixel of the middle image
+    write_images(folder / TRAIN_IMAGES, changed)
+
+    after = idx_builder(str(folder), data_dir)
+
+    assert after.builder_config.name != before.builder_config.name
+    np.testing.assert_array_equal(read_split(after, "train")[0], changed.transpose(0, 2, 1))
 
 
 @pytest.mark.slow

@@ -37,21 +37,37 @@ def letters_folder(folder):
     return write_idx_folder(folder, name="letters", splits=splits, classes=LETTERS, first_label=1)
 
 
-def keras_model(classes: int):
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A 3-class Keras model saved once as an MLflow model; `saved(metadata)` is a copy with that metadata."""
+    import shutil
+
     import keras
+    import mlflow
+    import yaml
 
     inputs = keras.Input((28, 28, 1))
-    outputs = keras.layers.Dense(classes, activation="softmax")(keras.layers.Flatten()(inputs))
-    return keras.Model(inputs, outputs)
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inputs))
+    root = tmp_path_factory.mktemp("models")
+    # Requirements named: inferring them loads the model again in a subprocess, a minute on busy cores.
+    mlflow.keras.save_model(keras.Model(inputs, outputs), str(root / "base"), pip_requirements=["keras"])
+
+    def copy(metadata: dict | None):
+        path = root / f"m{len(list(root.iterdir()))}"
+        shutil.copytree(root / "base", path)
+        mlmodel = yaml.safe_load((path / "MLmodel").read_text())
+        mlmodel.pop("metadata", None)
+        if metadata is not None:
+            mlmodel["metadata"] = metadata
+        (path / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+        return str(path)
+
+    return copy
 
 
-def test_a_model_with_the_older_joined_class_string_still_loads(tmp_path):
+def test_a_model_with_the_older_joined_class_string_still_loads(saved):
     """Older versions stored the classes as "".join(classes); such a model still loads, one name a character."""
-    import mlflow
-
-    path = tmp_path / "old"
-    mlflow.keras.save_model(keras_model(3), str(path), metadata={"classes": "xyz"})
-    model = serving.load_model(str(path))
+    model = serving.load_model(saved({"classes": "xyz"}))
     assert model.classes == ("x", "y", "z")
     scores = model.class_scores(np.zeros((2, 28, 28), np.uint8))
     assert scores.shape == (2, 3) and np.allclose(scores.sum(axis=1), 1, atol=1e-5)
@@ -66,19 +82,16 @@ def test_class_lists_are_stored_as_lists_and_read_back_whatever_the_form():
     assert serving.classes_from_metadata({}) is None
 
 
-def test_models_the_project_did_not_log_get_one_sentence(tmp_path):
-    import mlflow
-
+def test_models_the_project_did_not_log_get_one_sentence(saved, tmp_path):
     with pytest.raises(UserError, match="cannot load model"):
         serving.load_model(str(tmp_path / "nothing-here"))
-    mlflow.keras.save_model(keras_model(3), str(tmp_path / "bare"))
     with pytest.raises(UserError, match="carries no class list"):
-        serving.load_model(str(tmp_path / "bare"))
-    mlflow.keras.save_model(keras_model(3), str(tmp_path / "lying"), metadata={"classes": ["a", "b"]})
+        serving.load_model(saved(None))
+    lying = serving.load_model(saved({"classes": ["a", "b"]}))
     with pytest.raises(UserError, match=r"shape \(1, 3\) for 1 images and 2 classes"):
-        serving.load_model(str(tmp_path / "lying")).class_scores(np.zeros((1, 28, 28), np.uint8))
+        lying.class_scores(np.zeros((1, 28, 28), np.uint8))
     with pytest.raises(UserError, match="batch of 28x28 images"):
-        serving.load_model(str(tmp_path / "lying")).class_scores(np.zeros((1, 32, 32), np.uint8))
+        lying.class_scores(np.zeros((1, 32, 32), np.uint8))
 
 
 @pytest.mark.slow

@@ -85,6 +85,7 @@ def test_training_pipeline_batches_floats_one_hot_and_augments(tmp_path):
     assert xa.shape == xp.shape and not np.allclose(xa.numpy(), xp.numpy())
 
 
+@pytest.mark.slow  # every batch of an epoch through the elastic transform: the fast tier's largest cost
 def test_augmentation_keeps_every_image_with_its_own_label(workdir):
     """Each augmented image must still be the image its label belongs to, batch after batch.
 
@@ -123,22 +124,65 @@ def test_synthetic_source_is_upright_and_unchanged_by_the_pipeline(workdir):
 
 
 def test_tfds_emnist_through_mock_data(tmp_path):
-    # tfds's own emnist builder, offline: its true split sizes are written as metadata files, as
-    # tfds.testing.mock_data recommends, and mock_data stands in for the download.
-    builder = tfds.builder("emnist/bymerge", data_dir=str(tmp_path))
-    builder.info.set_splits(tfds.core.SplitDict([
-        tfds.core.SplitInfo(name="train", shard_lengths=[697_932], num_bytes=0),
-        tfds.core.SplitInfo(name="test", shard_lengths=[116_323], num_bytes=0),
-    ]))
-    builder.data_path.mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_path)
-    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
+    # tfds's own emnist builder, offline: its split sizes are written as metadata files, as
+    # tfds.testing.mock_data recommends, and mock_data stands in for the download. The sizes match
+    # what mock_data yields, because load_splits tells tf.data each split's length.
+    mock_emnist(tmp_path, 2000, 1000)
+    with tfds.testing.mock_data(num_examples=2000, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
         splits = data.load_splits("emnist/bymerge", max_examples=1000, data_dir=str(tmp_path))
         assert splits.source.transposed and splits.classes == BYMERGE_CLASSES
         assert splits.counts == {"train": 900, "val": 100, "test": 1000}
         x, y = next(iter(data.training_pipeline(splits.train, num_classes=47, batch_size=16, seed=0,
                                                 shuffle_buffer=64)))
         assert x.shape == (16, 28, 28, 1) and y.shape == (16, 47)
+        assert sum(1 for _ in splits.val) == 100 and sum(1 for _ in splits.test) == 1000
+
+
+def mock_emnist(data_dir, n_train: int, n_test: int):
+    """tfds `emnist/bymerge` metadata of the given split sizes in data_dir, as mock_data (USE_FILES) reads it."""
+    builder = tfds.builder("emnist/bymerge", data_dir=str(data_dir))
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name="train", shard_lengths=[n_train], num_bytes=0),
+        tfds.core.SplitInfo(name="test", shard_lengths=[n_test], num_bytes=0),
+    ]))
+    builder.data_path.mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_path)
+    return builder
+
+
+def test_tfds_emnist_reads_decoded_blocks_in_tfds_order_with_slices(tmp_path):
+    """read_split's raw-byte copy of tfds `emnist` gives what as_dataset gives, made upright, slices included."""
+    builder = mock_emnist(tmp_path, 2 * data.BLOCK + 100, 30)
+    with tfds.testing.mock_data(num_examples=2 * data.BLOCK + 100, policy=tfds.testing.MockPolicy.USE_FILES,
+                                data_dir=str(tmp_path)):
+        source = data.open_source("emnist/bymerge", str(tmp_path))
+        stored = list(source.builder.as_dataset(split="train", as_supervised=True).as_numpy_iterator())
+        whole = arrays(data.read_split(source, "train"))
+        cases = {"train[1000:2100]": (1000, 2100), "train[-5:]": (len(stored) - 5, len(stored))}
+        sliced = {split: arrays(data.read_split(source, split)) for split in cases}
+        empty = list(data.read_split(source, "train[7:7]").as_numpy_iterator())
+
+    expected_images = np.stack([image.transpose(1, 0, 2) for image, _ in stored])  # upright
+    expected_labels = np.array([label for _, label in stored])
+    np.testing.assert_array_equal(whole[0], expected_images)
+    np.testing.assert_array_equal(whole[1], expected_labels)
+    for split, (start, stop) in cases.items():
+        np.testing.assert_array_equal(sliced[split][0], expected_images[start:stop])
+        np.testing.assert_array_equal(sliced[split][1], expected_labels[start:stop])
+    assert empty == []
+    assert (builder.data_path / f"raw-blocks-{data.BLOCK}" / "train").is_dir()  # decoded once, kept
+
+
+def test_tfds_emnist_without_room_for_the_copy_still_reads(tmp_path):
+    builder = mock_emnist(tmp_path, 300, 30)
+    (builder.data_path / f"raw-blocks-{data.BLOCK}").write_text("a file where the copy's folder would go")
+    with tfds.testing.mock_data(num_examples=300, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
+        source = data.open_source("emnist/bymerge", str(tmp_path))
+        stored = list(source.builder.as_dataset(split="train", as_supervised=True).as_numpy_iterator())
+        images, labels = arrays(data.read_split(source, "train[10:20]"))
+
+    np.testing.assert_array_equal(images, np.stack([image.transpose(1, 0, 2) for image, _ in stored[10:20]]))
+    np.testing.assert_array_equal(labels, [label for _, label in stored[10:20]])
 
 
 def test_tfds_emnist_offline_says_how_to_get_the_data(tmp_path, monkeypatch):

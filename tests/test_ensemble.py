@@ -143,7 +143,8 @@ def test_registered_model_reproduces_the_logged_test_accuracy(tiny_ensemble):
     splits = data.load_splits("synthetic:1500")
     images = np.stack([x for x, _ in splits.test.as_numpy_iterator()])[..., 0]  # uint8, (n, 28, 28)
     out = model.predict(images)
-    assert list(out.columns) == ["class_index", "character", "probability"]
+    assert list(out.columns) == ["image", "rank", "class_index", "character", "probability"]
+    assert list(out["image"]) == list(range(len(images))) and set(out["rank"]) == {1}
     accuracy = np.mean(out["class_index"].to_numpy() == data.labels_of(splits.test))
     assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
     floats = model.predict(images.astype(np.float32) / 255.0)  # floats in 0..1 are accepted too

@@ -37,6 +37,30 @@ def test_every_mlproject_parameter_reaches_the_code(entry):
         assert f"--{name}" in flags, f"{entry}: --{name} is not a flag of {ENTRY_MODULES[entry]}"
 
 
+MLPROJECT_TYPES = {int: "int", float: "float", str: "string"}
+
+
+def flag_types(module: str) -> dict[str, str]:
+    """Each value-taking option of an entry point (by dest) with its MLproject type."""
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    out = {}
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0:  # not --help nor a switch like --no-register
+            field = config.FIELDS.get(action.dest)  # train's flags are typed by Config, argparse sees strings
+            out[action.dest] = MLPROJECT_TYPES[action.type or (type(field.default) if field else str)]
+    return out
+
+
+@pytest.mark.parametrize("entry", ["train", "ensemble"])
+def test_mlproject_parameters_and_flags_match_both_ways_with_real_types(entry):
+    parameters = mlproject()["entry_points"][entry]["parameters"]
+    flags = flag_types(ENTRY_MODULES[entry])
+    assert set(parameters) == set(flags)
+    assert {name: p["type"] for name, p in parameters.items()} == flags
+
+
 def test_train_flags_cover_every_config_field():
     flags = parser_flags("emnist_exp.train")
     assert {f"--{name}" for name in config.FIELDS} <= flags

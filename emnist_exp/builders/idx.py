@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import gzip
 import hashlib
 import os
 import re
+import itertools
 import struct
 import zlib
 from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle
 
 from emnist_exp.errors import UserError
 
@@ -22,7 +24,15 @@ IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension
 SIDE = 28
 IMAGE_NOTE = "Images are raw uint8 bytes instead of PNG: about twice as fast to stream, no decoding."
+SPILL_NOTE = "Examples spill to disk while preparing (same records, in order): flat RAM at 700k."
 MAX_LABEL = 10_000
+BLOCK_ITEMS = 4096  # images per block streamed from a file: 3 MB
+READ_SIZE = 1 << 20  # compressed bytes read at a time
+INFLATE_SIZE = 8 << 20  # at most this many decompressed bytes per zlib call
+KEY_SPAN = 1 << 16  # bytes of each end of an images file that the folder key reads
+GZIP_MAGIC = b"\x1f\x8b"
+SPILL_AT = 64 << 20  # bytes of serialized examples tfds' writer holds in RAM before it spills to disk
+SPILL_BUCKETS = 64  # of tfds' 1000 shuffle buckets: ~9 MB each at 700k, 64 files open at once
 
 # File names of the `gzip/` folder of EMNIST's gzip.zip
 IDX_FILE = re.compile(
@@ -60,8 +70,8 @@ class EmnistIdxConfig(tfds.core.BuilderConfig):
 class EmnistIdx(tfds.core.GeneratorBasedBuilder):
     """EMNIST read from a local folder of official gzip IDX files, one split per file pair."""
 
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": IMAGE_NOTE}
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": IMAGE_NOTE, "1.2.0": SPILL_NOTE}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -90,40 +100,88 @@ class EmnistIdx(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(*pair) for split, pair in splits.items()}
 
     def _generate_examples(self, images_path: str, labels_path: str) -> Iterator[tuple[int, dict]]:
-        images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
-        for index, (image, label) in enumerate(zip(images, labels)):
-            yield index, {"image": image[..., None], "label": int(label)}
+        labels = read_labels(labels_path)
+        images = IdxStream(images_path, "images")
+        # Keys in file order, spread over the first SPILL_BUCKETS of tfds' shuffle buckets (by key
+        # range, see tfds.core.shuffle.get_bucket_number), so that spilled examples read back a
+        # bucket at a time, still in order.
+        stride = (2**shuffle.HKEY_SIZE * SPILL_BUCKETS // shuffle.BUCKETS_NUMBER) // max(images.count, 1)
+        index = 0
+        for block in images.blocks():  # a block at a time: RAM stays flat
+            for image in block:
+                yield index * stride, {"image": image[..., None], "label": int(labels[index])}
+                index += 1
 
 
 def idx_builder(folder: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    """Validate `folder`, return an EmnistIdx builder for it, already prepared (download_and_prepare done)."""
+    """Return an EmnistIdx builder for `folder`, prepared: validated and generated unless its key is prepared."""
     folder = os.path.abspath(os.fspath(folder))
     splits, mapping_path = find_files(folder)
     mapping = read_mapping(mapping_path)
-    for images_path, labels_path in splits.values():
-        check_pair(images_path, labels_path, mapping_path, mapping)
     name = IDX_FILE.fullmatch(os.path.basename(next(iter(splits.values()))[0]))["name"]
     config = EmnistIdxConfig(
-        name=f"{name}_{folder_fingerprint(folder)[:16]}",
+        name=f"{name}_{folder_key(splits, mapping_path)[:16]}",
         description=f"EMNIST {name} from {folder}.",
         folder=folder,
         emnist_name=name,
         classes=tuple(mapping.get(label, f"unused_{label}") for label in range(max(mapping) + 1)),
     )
-    builder = EmnistIdx(config=config, data_dir=data_dir or os.environ.get("TFDS_DATA_DIR"))
-    builder.download_and_prepare()
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
+    if not _prepared(config, data_dir):
+        for images_path, labels_path in splits.values():
+            check_pair(images_path, labels_path, mapping_path, mapping)
+    builder = EmnistIdx(config=config, data_dir=data_dir)
+    with spill_early():
+        builder.download_and_prepare()
     return builder
 
 
-def folder_fingerprint(folder: str) -> str:
-    """sha1 over the names and bytes of the folder's EMNIST files: equal content, equal hash."""
-    splits, mapping_path = find_files(os.fspath(folder))
+@contextlib.contextmanager
+def spill_early():
+    """Make tfds' writer spill a split's examples to disk after SPILL_AT bytes, not 1 GB.
+
+    The writer holds serialized examples in RAM up to shuffle.MAX_MEM_BUFFER_SIZE (1 GB in tfds
+    4.9) before it writes them to its buckets; at 700k that is 560 MB of records plus Python's
+    overhead on each, which took preparing past 1.4 GB while opening needs 0.8 GB.
+    """
+    limit = shuffle.MAX_MEM_BUFFER_SIZE
+    shuffle.MAX_MEM_BUFFER_SIZE = min(limit, SPILL_AT)
+    try:
+        yield
+    finally:
+        shuffle.MAX_MEM_BUFFER_SIZE = limit
+
+
+def _prepared(config: EmnistIdxConfig, data_dir: str | None) -> bool:
+    """Whether tfds holds this config prepared, asked without creating data_dir (bad input must leave none)."""
+    root = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
+    if not os.path.isdir(root):
+        return False
+    return EmnistIdx(config=config, data_dir=root).is_prepared()
+
+
+def folder_key(splits: dict[str, tuple[str, str]], mapping_path: str) -> str:
+    """sha1 over the folder's EMNIST files: the mapping and labels whole; of each images file, its
+    size and its first and last KEY_SPAN bytes.
+
+    A gzip stream ends with the CRC-32 and length of everything it decompresses to (RFC 1952), and
+    the validator accepts one stream per file, so the tail already depends on every pixel: changed
+    images change the key, while a prepared 700k folder opens reading 128 KiB of its 550 MB.
+    """
     digest = hashlib.sha1()
-    for path in sorted([mapping_path, *(path for pair in splits.values() for path in pair)]):
-        digest.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
+    for images_path, labels_path in sorted(splits.values()):
+        for path in (labels_path, images_path):
+            digest.update(os.path.basename(path).encode() + b"\0")
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                digest.update(size.to_bytes(8, "big"))
+                if path == images_path and size > 2 * KEY_SPAN:
+                    digest.update(file.read(KEY_SPAN))
+                    file.seek(-KEY_SPAN, os.SEEK_END)
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(block)
+    with open(mapping_path, "rb") as file:
+        digest.update(b"mapping\0" + file.read())
     return digest.hexdigest()
 
 
@@ -192,13 +250,18 @@ def read_mapping(path: str) -> dict[int, str]:
 
 
 def check_pair(images_path: str, labels_path: str, mapping_path: str, mapping: dict) -> None:
-    """Raise UserError unless the two files agree in count and every label is in the mapping."""
-    images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
+    """Raise UserError unless both files are whole, agree in count and every label is in the mapping.
+
+    The images are streamed (header, length, gzip CRC), never held: a 700k file inflates to 550 MB.
+    """
+    labels = read_labels(labels_path)
+    images = IdxStream(images_path, "images")
+    held = sum(len(block) for block in images.blocks())
     images_file, labels_file = os.path.basename(images_path), os.path.basename(labels_path)
-    if len(images) != len(labels):
-        counts = f"{len(images)} images but {labels_file} holds {len(labels)} labels"
+    if held != len(labels):
+        counts = f"{held} images but {labels_file} holds {len(labels)} labels"
         raise UserError(f"{images_file} holds {counts}.")
-    require_examples(images_file, len(images))
+    require_examples(images_file, held)
     unknown = [int(label) for label in np.unique(labels) if int(label) not in mapping]
     if unknown:
         mapping_file = os.path.basename(mapping_path)
@@ -213,43 +276,87 @@ def require_examples(images_file: str, count: int) -> None:
         raise UserError(f"{images_file} holds 0 images: every split needs at least one example.")
 
 
-def read_idx(path: str, kind: str) -> np.ndarray:
-    """The array in one gzip IDX file: (n, 28, 28) images as stored (transposed), or (n,) labels."""
-    file, data = os.path.basename(path), gunzip(path)
-    magic = KINDS[kind][1]
-    n_dims = 3 if kind == "images" else 1
-    header_size = 4 * (1 + n_dims)
-    if len(data) < 4:
-        raise UserError(f"{file} is truncated: it is too short to hold an IDX header.")
-    found = struct.unpack(">I", data[:4])[0]
-    if found != magic:
-        raise UserError(f"{file} is not an IDX {kind} file: its magic number is {found}, not {magic}.")
-    if len(data) < header_size:
-        raise UserError(f"{file} is truncated: it is too short to hold an IDX header.")
-    dims = list(struct.unpack(f">{n_dims}I", data[4:header_size]))
-    if dims[1:] and dims[1:] != [SIDE, SIDE]:
-        raise UserError(f"{file} holds {dims[1]}x{dims[2]} images, but EMNIST's are {SIDE}x{SIDE}.")
-    item_size = SIDE * SIDE if kind == "images" else 1
-    held, extra = divmod(len(data) - header_size, item_size)
-    count = dims[0]
-    if held < count:
-        raise UserError(f"{file} is truncated: header says {count} {kind} but the file holds {held}.")
-    if held > count or extra:
-        raise UserError(f"{file} is longer than its header says: {count} {kind}, then more bytes.")
-    return np.frombuffer(data, np.uint8, offset=header_size).reshape(dims)
+def read_labels(path: str) -> np.ndarray:
+    """All labels of one gzip IDX1 file, checked like any IDX file (a uint8 each: 700 KB for 700k)."""
+    blocks = list(IdxStream(path, "labels").blocks(1 << 20))
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.uint8)
 
 
-def gunzip(path: str) -> bytes:
-    """The decompressed content of a gzip file; a damaged or non-gzip file is a UserError."""
+class IdxStream:
+    """One gzip IDX file read front to back: the header checked on opening, then items in blocks."""
+
+    def __init__(self, path: str, kind: str):
+        self.file, self.kind = os.path.basename(path), kind
+        self._chunks = inflate(path)
+        self._buffer = bytearray()
+        magic, n_dims = KINDS[kind][1], 3 if kind == "images" else 1
+        head = self._take(4 * (1 + n_dims))
+        if len(head) >= 4 and struct.unpack(">I", head[:4])[0] != magic:
+            found = struct.unpack(">I", head[:4])[0]
+            raise UserError(f"{self.file} is not an IDX {kind} file: its magic number is {found}, not {magic}.")
+        if len(head) < 4 * (1 + n_dims):
+            raise UserError(f"{self.file} is truncated: it is too short to hold an IDX header.")
+        dims = list(struct.unpack(f">{n_dims}I", head[4:]))
+        if dims[1:] and dims[1:] != [SIDE, SIDE]:
+            raise UserError(f"{self.file} holds {dims[1]}x{dims[2]} images, but EMNIST's are {SIDE}x{SIDE}.")
+        self.count, self.shape = dims[0], tuple(dims[1:])
+        self.item_size = SIDE * SIDE if kind == "images" else 1
+
+    def blocks(self, items: int = BLOCK_ITEMS) -> Iterator[np.ndarray]:
+        """(k, 28, 28) images as stored, or (k,) labels, k <= items; the length is checked at the end."""
+        held, longer = 0, f"{self.file} is longer than its header says: {self.count} {self.kind}, then more bytes."
+        while True:
+            data = self._take(items * self.item_size)
+            whole = len(data) // self.item_size
+            if held + whole > self.count:
+                raise UserError(longer)
+            if whole:
+                yield np.frombuffer(data, np.uint8, count=whole * self.item_size).reshape((whole, *self.shape))
+            held += whole
+            if len(data) < items * self.item_size:  # the stream has ended
+                break
+        if held < self.count:
+            held_text = f"header says {self.count} {self.kind} but the file holds {held}"
+            raise UserError(f"{self.file} is truncated: {held_text}.")
+        if len(data) % self.item_size:
+            raise UserError(longer)
+
+    def _take(self, size: int) -> bytes:
+        """The next `size` decompressed bytes, fewer only at the end of the stream."""
+        while len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+
+def inflate(path: str) -> Iterator[bytes]:
+    """The decompressed bytes of a one-stream gzip file, a few MB at a time; any damage is a UserError.
+
+    zlib checks the stream's CRC-32 and length trailer (wbits=31: gzip wrapper) as it reaches the end.
+    """
     file = os.path.basename(path)
     try:
-        with gzip.open(path, "rb") as stream:
-            return stream.read()
-    except gzip.BadGzipFile:
-        raise UserError(f"{file} is corrupt: it is not a gzip file.") from None
-    except EOFError:
-        raise UserError(f"{file} is truncated: its gzip stream ends early.") from None
-    except zlib.error as exc:
-        raise UserError(f"{file} is corrupt: its gzip data is damaged ({exc}).") from None
+        raw = open(path, "rb")
     except OSError as exc:
         raise UserError(f"{file} cannot be read: {exc.strerror or exc}.") from None
+    with raw:
+        stream = zlib.decompressobj(wbits=31)
+        first = raw.read(READ_SIZE)
+        if first[:2] != GZIP_MAGIC:
+            raise UserError(f"{file} is corrupt: it is not a gzip file.")
+        for chunk in itertools.chain([first], iter(lambda: raw.read(READ_SIZE), b"")):
+            while chunk and not stream.eof:
+                try:
+                    out = stream.decompress(chunk, INFLATE_SIZE)  # bounded, so a gzip bomb cannot fill RAM
+                except zlib.error as exc:
+                    raise UserError(f"{file} is corrupt: its gzip data is damaged ({exc}).") from None
+                chunk = stream.unconsumed_tail
+                yield out
+            if stream.eof and (chunk or stream.unused_data or raw.read(1)):
+                raise UserError(f"{file} has bytes after its gzip stream; EMNIST's files hold one stream each.")
+    if not stream.eof:
+        raise UserError(f"{file} is truncated: its gzip stream ends early.")
