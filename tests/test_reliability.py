@@ -263,7 +263,8 @@ def test_password_with_a_slash_reaches_no_output_param_tag_or_artifact(tmp_path,
     assert code == 0, log.read_text()[-3000:]
     assert SECRET not in log.read_text()
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    (run,) = client.search_runs(["0"], filter_string="tags.`emnist.role` = 'study'")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    (run,) = client.search_runs(ids, filter_string="tags.`emnist.role` = 'study'")
     assert "***" in run.data.params["config.storage"] and "***" in run.data.tags["optuna.storage"]
     seen = json.dumps([run.data.params, run.data.tags])
     config = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.json",
