@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test test-fast bench
+.PHONY: install demo test test-fast bench stores
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,7 @@ test-fast: install
 
 bench: install
 	python benchmarks/pipeline.py
+
+# The local stores (mlflow.db, optuna.db), created once under a lock before `mlflow run` workers start together.
+stores:
+	python -m emnist_exp.stores

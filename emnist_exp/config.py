@@ -79,6 +79,10 @@ def _check(cfg: Config) -> Config:
         (cfg.shuffle_buffer >= 1, "shuffle_buffer must be at least 1"),
         (cfg.pruner in {"median", "hyperband", "none"}, "pruner must be median, hyperband or none"),
         (bool(cfg.study.strip()), "study must not be empty"),
+        (not ("'" in cfg.study and '"' in cfg.study), "study may hold ' or \" but not both: MLflow's search "
+         "filters, which find a study's runs, cannot quote such a name"),
+        (0 <= cfg.seed < 2**32, "seed must be between 0 and 4294967295 (2**32 - 1), the range NumPy and "
+         "TensorFlow accept"),
         (cfg.total_trials >= 0, "total_trials must be 0 (no cap) or positive"),
         (cfg.heartbeat_interval >= 1, "heartbeat_interval must be at least 1 second"),
         (cfg.grace_period > cfg.heartbeat_interval, "grace_period must be longer than heartbeat_interval"),

@@ -72,6 +72,7 @@ def quiet_libraries() -> None:
     import tensorflow as tf  # noqa: PLC0415
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna.study._optimize").addFilter(_no_traceback_for_stops)  # where trials fail
     tf.get_logger().setLevel("ERROR")
     loaded()
 
@@ -106,3 +107,12 @@ class _LoadFilter:
         os.dup2(self.saved, 2)
         os.close(self.write)  # the pump sees the end of the pipe once fd 2 no longer points at it
         self.thread.join(timeout=5)
+
+
+def _no_traceback_for_stops(record) -> bool:
+    """Optuna logs a failed trial's traceback; for a stop signal or a UserError the one line is enough."""
+    from emnist_exp.errors import UserError  # noqa: PLC0415
+
+    if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, UserError)):
+        record.exc_info = None
+    return True

@@ -144,6 +144,15 @@ def label_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
     return names
 
 
+def check_split_spec(split: str) -> None:
+    """A clear error for a split tfds cannot parse, such as test[abc]."""
+    try:
+        tfds.core.ReadInstruction.from_spec(split)
+    except ValueError:
+        raise UserError(f"split {split!r} is not a tfds split: use a name such as test, or a slice such as "
+                        "test[:1000] or test[50%:].") from None
+
+
 def read_split(source: Source, split: str, *, shuffle_seed: int | None = None) -> tf.data.Dataset:
     """Stream one tfds split (slicing allowed) as upright (uint8 image, int64 label) pairs.
 

@@ -12,7 +12,8 @@ class UserError(Exception):
 
 
 def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap an entry point so that a UserError prints `error: <sentence>` and exits 2."""
+    """Wrap an entry point so that a UserError prints `error: <sentence>` and exits 2, and a stop
+    (Ctrl-C, or a signal that signals.stop_on_signals turned into one) exits 128 + its signal."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs) -> int:
@@ -21,8 +22,8 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             print("interrupted", file=sys.stderr)
-            return 130
+            return getattr(exc, "exit_code", 130)
 
     return wrapper

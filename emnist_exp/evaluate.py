@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     console.quiet()
     from emnist_exp import data, serving  # noqa: PLC0415
 
+    data.check_split_spec(args.split)
     source = data.open_source(args.dataset, args.data_dir)
     model = serving.load_model(args.model)
     if model.classes != source.classes:

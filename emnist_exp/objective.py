@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import keras
 import numpy as np
 import optuna
 
-from emnist_exp import data, tracking, trainer
+from emnist_exp import data, signals, tracking, trainer
 from emnist_exp.config import Config
 from emnist_exp.search import suggest_spec
-from emnist_exp.study import WORKER
+from emnist_exp.study import WORKER, trial_seed
 
 
 class PruningCallback(keras.callbacks.Callback):
@@ -32,18 +33,31 @@ class PruningCallback(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class StopOnSignal(keras.callbacks.Callback):
+    """End training at the next batch once a stop signal has come (see signals.raise_if_stopped)."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        signals.raise_if_stopped()
+
+    on_test_batch_end = on_predict_batch_end = on_train_batch_end
+
+
 class Objective:
     """Train one trial on data loaded once; every trial is a nested MLflow run."""
 
-    def __init__(self, cfg: Config, splits: data.Splits):
+    def __init__(self, cfg: Config, splits: data.Splits, on_start: Callable[[], None] | None = None):
         self.cfg = cfg
         self.splits = splits
+        self.on_start = on_start  # told once each trial exists in the storage (the trial cap's claim)
         self.datasets = tracking.split_datasets(cfg.dataset, data.split_records(splits), len(splits.classes))
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg, splits = self.cfg, self.splits
+        signals.raise_if_stopped()
+        if self.on_start:
+            self.on_start()
         spec = suggest_spec(trial, cfg.space)
-        seed = cfg.seed + trial.number
+        seed = trial_seed(cfg.seed, trial.number)  # unique per trial across workers, like the sampler's
         # What it takes to rebuild this trial's splits (the ensemble's fallback to inference).
         extra = {"dataset": cfg.dataset, "val_fraction": cfg.val_fraction, "max_examples": cfg.max_examples,
                  "data_dir": cfg.data_dir, "n_train": splits.counts["train"], "max_epochs": cfg.epochs}
@@ -54,14 +68,17 @@ class Objective:
             pruning = PruningCallback(trial)
             result = trainer.train_spec(spec, splits, epochs=cfg.epochs, patience=cfg.patience, seed=seed,
                                         shuffle_buffer=cfg.shuffle_buffer,
-                                        callbacks=[pruning, tracking.EpochLogger()])
+                                        callbacks=[pruning, tracking.EpochLogger(), StopOnSignal()])
             if result.diverged:
                 tracking.set_state("FAIL")
                 print(f"trial {trial.number}: loss became NaN; the trial fails and the study goes on")
                 return float("nan")  # Optuna records a NaN objective as FAIL
             if pruning.pruned_at is not None:
                 raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at + 1}")
-            self._log(result, spec)
+            try:
+                self._log(result, spec)
+            except OSError as exc:  # a full disk, or an artifact folder gone or read-only
+                raise tracking.artifact_write_error(exc) from None
             tracking.set_state("COMPLETE")
             return result.val_accuracy
 

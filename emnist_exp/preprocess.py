@@ -49,6 +49,7 @@ def load_image(path: str | Path) -> Image.Image:
             with Image.open(path, formats=FORMATS) as image:
                 _check_size(path, image.size)
                 image.load()  # decode now: a truncated file fails here, not later inside the model
+                _check_finite(path, image)
                 return image
     except Image.UnidentifiedImageError:
         raise UserError(f"{path} is not an image this tool reads ({', '.join(FORMATS)}).") from None
@@ -58,6 +59,12 @@ def load_image(path: str | Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # what PIL raises for broken data
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is damaged or truncated ({reason}).") from None
+
+
+def _check_finite(path: Path, image: Image.Image) -> None:
+    """A float image (TIFF mode F) may hold NaN or inf, which have no brightness to stretch."""
+    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+        raise UserError(f"{path} holds NaN or infinite pixel values, which no brightness can be read from.")
 
 
 def _check_size(path: Path, size: tuple[int, int]) -> None:

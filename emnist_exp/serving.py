@@ -122,7 +122,14 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         top_k = int((params or {}).get("top_k", 1))
         if not 1 <= top_k <= len(self.classes):
             raise ValueError(f"top_k must be between 1 and {len(self.classes)}, got {top_k}")
-        return ranked_frame(self.class_scores(model_input), self.classes, top_k)
+        try:
+            scores = self.class_scores(model_input)
+        except ValueError as exc:  # bad input: the REST client gets our sentence, not a stack trace
+            from mlflow.exceptions import MlflowException  # noqa: PLC0415
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: PLC0415
+
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        return ranked_frame(scores, self.classes, top_k)
 
 
 def ranked_frame(scores: np.ndarray, classes: tuple[str, ...], top_k: int) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import warnings
@@ -19,9 +20,24 @@ URL_SHAPE = "dialect[+driver]://user[:password]@host[:port]/database, or sqlite:
 
 
 def redact(url: str) -> str:
-    """The storage URL without its password, fit for logs and error messages (even when malformed)."""
-    url = re.sub(r"(//[^/:@]*):[^/]*@", r"\1:***@", url)  # user:password@host, up to the last @
-    return re.sub(r"(password=)[^&]*", r"\1***", url)
+    """The storage URL without its password, fit for logs and error messages (even when malformed).
+
+    SQLAlchemy parses the URL, so a password is hidden whatever it holds (/, :, ?, #); a URL it
+    cannot parse, or one with a second @ (which it would split at the first), loses everything
+    between the user name and the last @.
+    """
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+    try:
+        text = make_url(url).render_as_string(hide_password=True) if url.count("@") <= 1 else None
+    except Exception:  # noqa: BLE001 (ArgumentError, ValueError: a malformed URL)
+        text = None
+    if text is None:
+        head, at, host = url.rpartition("@")
+        start = head.find("//") + 2 if "//" in head else 0
+        user, colon, _ = head[start:].partition(":")
+        text = f"{head[:start]}{user}:***@{host}" if at and colon else url
+    return re.sub(r"(password=)[^&]*", r"\1***", text, flags=re.IGNORECASE)
 
 
 def storage_url(url: str) -> "sqlalchemy.engine.URL":  # noqa: F821
@@ -101,3 +117,42 @@ def _reason(exc: Exception, password: str | None) -> str:
     return reason.replace(password, "***") if password else reason
 
 
+
+
+class StudyLock:
+    """A lock that every worker of one study, on any machine, shares through the study's storage.
+
+    PostgreSQL: a session advisory lock, freed by the server when the holder's connection drops;
+    SQLite (workers on one machine): flock on a file beside the database, freed when the holder exits.
+    """
+
+    def __init__(self, url: str, study: str):
+        self.parsed = storage_url(url or DEFAULT_STORAGE)
+        self.key = int.from_bytes(hashlib.sha256(f"emnist-exp trial cap {study}".encode()).digest()[:8],
+                                  "big", signed=True)
+        self._held = None
+
+    def acquire(self) -> None:
+        if self._held is not None:
+            return
+        backend = self.parsed.get_backend_name()
+        if backend == "sqlite" and self.parsed.database not in (None, "", ":memory:"):
+            import fcntl  # noqa: PLC0415
+
+            handle = open(f"{self.parsed.database}.lock", "ab")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._held = handle
+        elif backend == "postgresql":
+            import sqlalchemy as sa  # noqa: PLC0415
+
+            engine = sa.create_engine(self.parsed, poolclass=sa.pool.NullPool,
+                                      connect_args={"connect_timeout": CONNECT_TIMEOUT})
+            conn = engine.connect()
+            conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
+            conn.commit()
+            self._held = conn
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()  # closing the file drops the flock; closing the session drops the advisory lock

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from emnist_exp import storage as storages, tracking
+from emnist_exp import signals, storage as storages, tracking
 from emnist_exp.config import Config
 
 MAX_RETRY = 3  # a trial whose worker died runs again at most this often
@@ -57,6 +57,12 @@ def fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """A seed drawn from (seed, trial number). Not seed + number: workers started with seeds 0, 1, 2
+    would meet on the diagonal (worker 0's trial 1 and worker 1's trial 0)."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner()
@@ -85,9 +91,7 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
         return f"TPESampler(seed=({self.seed}, trial number){options})"
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        # Not seed + number: workers started with seeds 0, 1, 2 would meet on the diagonal.
-        seed = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
-        self.tpe = optuna.samplers.TPESampler(seed=seed, **self.tpe_options)
+        self.tpe = optuna.samplers.TPESampler(seed=trial_seed(self.seed, trial.number), **self.tpe_options)
         self.tpe.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
@@ -119,39 +123,53 @@ class TrialCap:
     Unlike optuna.study.MaxTrialsCallback it counts other workers' RUNNING trials too, so the study
     does not overshoot; and while those alone would fill the cap it waits for them (failing dead
     workers' trials as it polls), so a trial lost with its worker is still retried by someone.
+
+    Checking and claiming are one step: a worker that finds room holds the study's lock until
+    its next trial exists in the storage (the objective calls `claimed`), so two workers that
+    finish together cannot both take the last place.
     """
 
-    def __init__(self, total: int, poll_seconds: float = 5.0):
+    def __init__(self, total: int, lock: storages.StudyLock, n_trials: int, poll_seconds: float = 5.0):
         self.total = total
+        self.lock = lock
+        self.left = n_trials  # trials this worker may still start
         self.poll_seconds = poll_seconds
 
-    def has_room(self, study: optuna.Study) -> bool:
-        """True if this worker should run another trial; False once `total` trials are COMPLETE."""
+    def has_room(self, study: optuna.Study, hold: bool = True) -> bool:
+        """True if this worker should run another trial; then (with hold) it keeps the lock until `claimed`."""
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        self.lock.acquire()
         while True:
             fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False, states=states)
             complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-            if complete >= self.total:
-                return False
-            if len(trials) < self.total:
-                return True
+            if complete >= self.total or len(trials) < self.total:
+                if not hold or complete >= self.total:
+                    self.lock.release()
+                return complete < self.total
             time.sleep(self.poll_seconds)
 
+    def claimed(self) -> None:
+        """This worker's next trial is in the storage: other workers may count it now."""
+        self.left -= 1
+        self.lock.release()
+
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.left <= 0:
+            return  # optimize ends after this callback: nothing to claim
         if not self.has_room(study):
             study.stop()
 
 
-def worker_callbacks(cfg: Config, study: optuna.Study) -> list | None:
-    """Progress lines, and the study-wide cap when total_trials is set; None when the cap is already met."""
+def worker_callbacks(cfg: Config, study: optuna.Study) -> tuple[list, TrialCap | None]:
+    """Progress lines, and the study-wide cap when total_trials is set (also returned on its own)."""
     callbacks: list = [Progress(cfg.n_trials)]
+    cap = None
     if cfg.total_trials:
-        cap = TrialCap(cfg.total_trials, poll_seconds=min(cfg.heartbeat_interval, 5))
-        if not cap.has_room(study):
-            return None
+        cap = TrialCap(cfg.total_trials, storages.StudyLock(cfg.storage, cfg.study), cfg.n_trials,
+                       poll_seconds=min(cfg.heartbeat_interval, 5))
         callbacks.append(cap)
-    return callbacks
+    return callbacks, cap
 
 
 class Progress:
@@ -162,6 +180,7 @@ class Progress:
         self.done = 0
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        signals.raise_if_stopped()  # a stop swallowed during the trial ends the worker before the next one
         self.done += 1
         value = "" if trial.value is None else f" val_accuracy {trial.value:.4f}"
         try:

@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -46,6 +47,17 @@ MODEL_TRAINING = "custom_model_development"  # the UI's "Machine learning" view
 DEFAULT_EXPERIMENT_ID = "0"  # "Default": where `mlflow run` puts its run when no experiment is named
 
 
+def quoted(value: str) -> str:
+    """A string literal for an MLflow filter. MLflow's filter parser has no escape character, so the
+    value goes in whichever quote it does not contain (config refuses study names holding both)."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise UserError(f"{value!r} holds both ' and \", which no MLflow search filter can match.")
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -55,22 +67,60 @@ def git_commit() -> str:
         return "unknown"
 
 
-def prepare_local_store() -> None:
-    """Create a SQLite tracking store under a file lock.
+MIGRATION_LEFTOVER = "_alembic_tmp_"  # alembic's copy of a table that a SQLite migration is rebuilding
 
-    MLflow creates a fresh store's tables on first use, and two workers starting together break
-    each other's migrations. A server or PostgreSQL store needs nothing here.
+
+def prepare_local_store(repair: bool = False) -> str:
+    """Create (or, with repair, finish migrating) a SQLite tracking store under a file lock; returns its URI.
+
+    MLflow creates a fresh store's tables on first use, and two processes starting together break
+    each other's migrations; one killed mid-migration leaves alembic's table copies behind, and then
+    every command fails. A server or PostgreSQL store needs nothing here.
     """
     uri = mlflow.get_tracking_uri()
     if not uri.startswith("sqlite:///"):
-        return
+        return uri
     import fcntl  # noqa: PLC0415
 
     path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as handle:  # flock is apart from SQLite's own fcntl locks on the same file
         fcntl.flock(handle, fcntl.LOCK_EX)
-        mlflow.MlflowClient().search_experiments(max_results=1)
+        leftovers = _migration_leftovers(path, repair)
+        if leftovers:
+            raise UserError(f"{path} was left half-migrated by MLflow processes that created or upgraded it at "
+                            f"once (leftover tables {', '.join(leftovers)}): run `python -m emnist_exp.stores "
+                            "--repair`, which removes only those copies and finishes the upgrade, keeping every run.")
+        import sqlalchemy.exc  # noqa: PLC0415
+
+        try:
+            mlflow.MlflowClient().search_experiments(max_results=1)
+        except (mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError) as exc:
+            # e.g. a migration killed between two of its statements: no leftover copy, a schema half changed
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise UserError(f"cannot open or upgrade the MLflow store {uri} ({reason}); its schema is changed in a "
+                            "way no repair here undoes, so restore it from a backup.") from None
+    return uri
+
+
+def _migration_leftovers(path: Path, repair: bool) -> list[str]:
+    """Alembic's leftover table copies in a SQLite store; with repair, removed (or, where the
+    migration had already dropped the original, renamed back to it)."""
+    import sqlite3  # noqa: PLC0415
+
+    with contextlib.closing(sqlite3.connect(path, timeout=120)) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        leftovers = sorted(t for t in tables if t.startswith(MIGRATION_LEFTOVER))
+        if not repair:
+            return leftovers
+        for table in leftovers:
+            original = table.removeprefix(MIGRATION_LEFTOVER)
+            if original in tables:
+                db.execute(f'DROP TABLE "{table}"')  # a copy: the original still holds every row
+            else:
+                db.execute(f'ALTER TABLE "{table}" RENAME TO "{original}"')
+        db.commit()
+    return []
 
 
 def study_experiment(name: str) -> str:
@@ -184,8 +234,10 @@ def study_run(config: dict[str, Any], *, storage: str, sampler: str) -> Iterator
     worker = f"{socket.gethostname()} seed {config['seed']} pid {os.getpid()}"
     tags = {ROLE_TAG: "study", STUDY_TAG: config["study"], WORKER_TAG: worker, "dataset": config["dataset"],
             "optuna.sampler": sampler, "optuna.storage": storage, "git_commit": git_commit()}
+    launched = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run`'s run, which start_entry_run may keep
     run = start_entry_run(run_name=f"study-{config['study']}", tags=tags, experiment=config["study"])
-    with _ending(run):
+    kept = launched is not None and run.info.run_id == launched  # then `mlflow run`, our parent, ends it too
+    with _ending(run, launcher=os.getppid() if kept else None):
         # `mlflow run` already logged the raw -P values under their own names: resolved ones get a prefix.
         mlflow.log_params({f"config.{k}": v for k, v in config.items()})
         mlflow.log_dict(config, "config.json")
@@ -193,8 +245,11 @@ def study_run(config: dict[str, Any], *, storage: str, sampler: str) -> Iterator
 
 
 @contextlib.contextmanager
-def _ending(run: mlflow.ActiveRun, on_error: str = "FAILED") -> Iterator[None]:
-    """End `run` as FINISHED, KILLED (Ctrl-C) or FAILED, whatever happens inside."""
+def _ending(run: mlflow.ActiveRun, on_error: str = "FAILED", launcher: int | None = None) -> Iterator[None]:
+    """End `run` as FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, whatever happens inside.
+
+    `launcher` is the pid of the `mlflow run` CLI that created the run, if any: see _kept_after_launcher.
+    """
     status = on_error
     try:
         yield
@@ -204,6 +259,32 @@ def _ending(run: mlflow.ActiveRun, on_error: str = "FAILED") -> Iterator[None]:
         raise
     finally:
         mlflow.end_run(status)
+        if launcher and status == "KILLED":
+            _kept_after_launcher(run.info.run_id, status, launcher)
+
+
+# `mlflow run` sets its run's status after its child exits unless the run is already terminated, but
+# its check (projects._maybe_set_run_terminated in mlflow 3.17) hands RunStatus.is_terminated a
+# string, so it always overwrites: a Ctrl-C'd study would end FAILED. This waits, detached from the
+# terminal's Ctrl-C, for the CLI to exit and sets the status back.
+_RESTORE = """
+import os, sys, time
+pid, run_id, status = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.2)
+import mlflow
+mlflow.MlflowClient().set_terminated(run_id, status)
+"""
+
+
+def _kept_after_launcher(run_id: str, status: str, launcher: int) -> None:
+    subprocess.Popen([sys.executable, "-c", _RESTORE, str(launcher), run_id, status], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def trial_run_name(number: int, spec: TrialSpec) -> str:
@@ -286,7 +367,7 @@ def end_stale_trial_run(study: str, number: int, run_id: str | None = None) -> l
         if run.data.tags.get(STUDY_TAG) == study and run.data.tags.get(TRIAL_TAG) == str(number):
             runs = [run]
     if not runs:
-        where = (f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}' and "
+        where = (f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = {quoted(study)} and "
                  f"tags.`{TRIAL_TAG}` = '{number}' and attributes.status = 'RUNNING'")
         runs = mlflow.search_runs(search_all_experiments=True, filter_string=where, output_format="list")
     ended = []
@@ -370,6 +451,13 @@ def log_trial_result(result, spec: TrialSpec, classes: tuple[str, ...], *, param
                                            predicted[wrong_index], classes), "plots/misclassified.png")
 
 
+def artifact_write_error(exc: OSError) -> UserError:
+    """One sentence for an artifact store that refuses a write."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return UserError(f"cannot write artifacts to {mlflow.get_artifact_uri()}: {exc.strerror or exc}{where}; "
+                     "check the artifact store's space and permissions, then rerun to continue the study.")
+
+
 def log_figure(fig, path: str) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
@@ -419,17 +507,43 @@ def finished_trials(*, study: str | None = None, experiment: str | None = None,
                     run_ids: list[str] | None = None) -> list[mlflow.entities.Run]:
     """COMPLETE trial runs, best validation accuracy first."""
     if run_ids:
-        return sorted((mlflow.get_run(r) for r in run_ids),
+        return sorted((finished_trial(r) for r in run_ids),
                       key=lambda r: r.data.metrics.get("val_accuracy", float("-inf")), reverse=True)
     where = [f"tags.`{ROLE_TAG}` = 'trial'", f"tags.`{STATE_TAG}` = 'COMPLETE'", "attributes.status = 'FINISHED'"]
     if study:
-        where.append(f"tags.`{STUDY_TAG}` = '{study}'")
+        where.append(f"tags.`{STUDY_TAG}` = {quoted(study)}")
     kwargs: dict[str, Any] = {"search_all_experiments": True}
     if experiment:
-        found = mlflow.get_experiment_by_name(experiment)
-        kwargs = {"experiment_ids": [found.experiment_id if found else experiment]}
+        kwargs = {"experiment_ids": [experiment_id(experiment)]}
     return mlflow.search_runs(filter_string=" and ".join(where), order_by=["metrics.val_accuracy DESC"],
                               output_format="list", **kwargs)
+
+
+def finished_trial(run_id: str) -> mlflow.entities.Run:
+    """A COMPLETE trial run by id; anything else (no such run, a study or ensemble run) is a UserError."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"there is no run {run_id} in the tracking store {mlflow.get_tracking_uri()}.") from None
+    role, state = run.data.tags.get(ROLE_TAG), run.data.tags.get(STATE_TAG)
+    if role != "trial":
+        raise UserError(f"run {run_id} is not a trial run (its {ROLE_TAG} tag is {role or 'missing'}): "
+                        "pass the ids of finished trial runs.")
+    if state != "COMPLETE" or run.info.status != "FINISHED":
+        raise UserError(f"trial run {run_id} did not complete (state {state}, status {run.info.status}).")
+    return run
+
+
+def experiment_id(name_or_id: str) -> str:
+    """The id of an experiment given by name (or by id); a UserError when there is none."""
+    found = mlflow.get_experiment_by_name(name_or_id)
+    if found is None:
+        try:
+            found = mlflow.get_experiment(name_or_id)
+        except mlflow.exceptions.MlflowException:
+            raise UserError(f"there is no experiment {name_or_id!r} in the tracking store "
+                            f"{mlflow.get_tracking_uri()}.") from None
+    return found.experiment_id
 
 
 def load_predictions(run_id: str) -> dict[str, np.ndarray] | None:
@@ -531,13 +645,13 @@ def download_graph(run_id: str) -> Path:
 
 def latest_version(name: str) -> str | None:
     """The highest version of a registered model, or None when it has none."""
-    versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    versions = mlflow.MlflowClient().search_model_versions(f"name = {quoted(name)}")
     return str(max(int(v.version) for v in versions)) if versions else None
 
 
 def study_runs(study: str, role: str) -> list[mlflow.entities.Run]:
     """Every run of a study with the given role (study, trial, ensemble), in any state, newest first."""
-    where = f"tags.`{ROLE_TAG}` = '{role}' and tags.`{STUDY_TAG}` = '{study}'"
+    where = f"tags.`{ROLE_TAG}` = {quoted(role)} and tags.`{STUDY_TAG}` = {quoted(study)}"
     return mlflow.search_runs(search_all_experiments=True, filter_string=where,
                               order_by=["attributes.start_time DESC"], output_format="list")
 

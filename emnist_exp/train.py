@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> dict:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
+    from emnist_exp import signals  # noqa: PLC0415
+
+    with signals.stop_on_signals():  # SIGTERM takes Ctrl-C's clean path: trial FAIL, runs KILLED
+        return run(argv)
+
+
+def run(argv: list[str] | None = None) -> int:
     from emnist_exp.config import resolve  # noqa: PLC0415 (keep --help free of TensorFlow)
 
     args = vars(build_parser().parse_args(argv))
@@ -68,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     console.quiet_libraries()
     study = studies.open_study(cfg)
-    callbacks = studies.worker_callbacks(cfg, study)
-    if callbacks is None:  # before the data: a late worker of a finished study leaves at once
+    callbacks, cap = studies.worker_callbacks(cfg, study)
+    if cap and not cap.has_room(study, hold=False):  # before the data: a late worker leaves at once
         print(f"study {cfg.study} already has {cfg.total_trials} complete trials: nothing to do", file=sys.stderr)
         return 0
     splits = data.load_splits(cfg.dataset, val_fraction=cfg.val_fraction, max_examples=cfg.max_examples,
@@ -78,14 +85,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dataset {cfg.dataset}: {len(splits.classes)} classes; {counts}", file=sys.stderr)
     logged = {**cfg.to_dict(), "storage": storage.redact(cfg.storage)}  # never a password in the run
     url = cfg.storage or storage.DEFAULT_STORAGE
+    objective = Objective(cfg, splits, on_start=cap.claimed if cap else None)
     with tracking.study_run(logged, storage=storage.redact(url), sampler=str(study.sampler)) as run:
         try:
-            study.optimize(Objective(cfg, splits), n_trials=cfg.n_trials, timeout=cfg.timeout or None,
-                           callbacks=callbacks, gc_after_trial=True)
+            if cap is None or cap.has_room(study):  # holds the study's lock until the first trial is claimed
+                study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout or None, callbacks=callbacks,
+                               gc_after_trial=True)
+        except BaseException:
+            summary_after_error(study)
+            raise
         finally:
-            tracking.log_study_summary(study)
+            if cap:
+                cap.lock.release()  # still held if this worker stopped (timeout, error) before claiming a trial
+        tracking.log_study_summary(study)
     print(f"runs: {tracking.experiment_url(run.info.experiment_id)} (`mlflow ui` for a local store)", file=sys.stderr)
     return 0
+
+
+def summary_after_error(study) -> None:
+    """The study's summary, if it can still be logged; a failure here must not hide the error that stopped the study."""
+    from emnist_exp import tracking  # noqa: PLC0415
+
+    try:
+        tracking.log_study_summary(study)
+    except Exception as exc:  # noqa: BLE001 (e.g. the same unwritable artifact store)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"note: the study summary was not logged ({type(exc).__name__}: {first})", file=sys.stderr)
 
 
 if __name__ == "__main__":

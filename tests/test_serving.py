@@ -118,3 +118,17 @@ def test_rest_clients_ask_for_the_top_k_through_params(server, tiny_ensemble):
     for image in range(len(images)):
         probabilities = [r["probability"] for r in served if r["image"] == image]
         assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_a_wrong_shape_gets_the_project_sentence_without_a_stack_trace(server):
+    """A 27x27 batch: HTTP 400 (INVALID_PARAMETER_VALUE) whose message holds our sentence and no traceback."""
+    body = json.dumps({"inputs": np.zeros((2, 27, 27), np.float32).tolist()}).encode()
+    request = urllib.request.Request(f"{server}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=120)
+    assert caught.value.code == 400
+    answer = json.loads(caught.value.read())
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+    assert "expected a batch of 28x28 images, got shape (2, 27, 27)" in answer["message"], answer
+    assert "Traceback" not in json.dumps(answer) and 'File "' not in json.dumps(answer), answer

@@ -261,12 +261,19 @@ def check_pair(images_path: str, labels_path: str, mapping_path: str, mapping: d
     if held != len(labels):
         counts = f"{held} images but {labels_file} holds {len(labels)} labels"
         raise UserError(f"{images_file} holds {counts}.")
+    require_examples(images_file, held)
     unknown = [int(label) for label in np.unique(labels) if int(label) not in mapping]
     if unknown:
         mapping_file = os.path.basename(mapping_path)
         raise UserError(
             f"{labels_file} holds label {unknown[0]}, which {mapping_file} does not list."
         )
+
+
+def require_examples(images_file: str, count: int) -> None:
+    """tfds cannot finalize a split that yields nothing: say so before preparing."""
+    if count == 0:
+        raise UserError(f"{images_file} holds 0 images: every split needs at least one example.")
 
 
 def read_labels(path: str) -> np.ndarray:
