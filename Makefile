@@ -30,5 +30,5 @@ bench: install
 	python benchmarks/pipeline.py
 
 # The local stores (mlflow.db, optuna.db), created once under a lock before `mlflow run` workers start together.
-stores:
+stores: install
 	python -m emnist_exp.stores
