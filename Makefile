@@ -10,7 +10,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install -qq -e '.[test]'  # -qq: setuptools' note on editable installs is no warning for us
+	$(VENV)/bin/python -m pip install -qq -e '.[test]'  # -qq: keeps setuptools' editable-install notice out of the output
 	touch $@
 
 install: $(VENV)/.installed
