@@ -176,6 +176,21 @@ def chosen_experiment() -> str | None:
     return os.environ.get("MLFLOW_EXPERIMENT_ID") or None
 
 
+def use_experiment(experiment_id: str) -> None:
+    """Make the experiment active for this process's runs (nested ones too), and for nothing else.
+
+    mlflow.set_experiment also exports MLFLOW_EXPERIMENT_ID, which chosen_experiment would then take
+    for the user's own choice: a second study in this process, or a child process on another store,
+    would land in this one's experiment. The variable is put back as the user had it.
+    """
+    before = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    mlflow.set_experiment(experiment_id=experiment_id)
+    if before is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = before
+
+
 def start_entry_run(*, run_name: str, tags: dict[str, str], experiment: str = "",
                     experiment_id: str = "") -> mlflow.ActiveRun:
     """An entry point's run: in the experiment the user named, else in `experiment` (a name) or `experiment_id`.
@@ -198,7 +213,7 @@ def start_entry_run(*, run_name: str, tags: dict[str, str], experiment: str = ""
     target = chosen or experiment_id or study_experiment(experiment)
     if EXPERIMENT_KIND_TAG not in client.get_experiment(target).tags:  # a user's experiment, or an older one
         client.set_experiment_tag(target, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
-    mlflow.set_experiment(experiment_id=target)  # nested runs follow it, not MLFLOW_EXPERIMENT_ID
+    use_experiment(target)
     if outer is not None and chosen:
         return mlflow.start_run(run_id=launched, run_name=run_name, tags=tags)
     if outer is None:

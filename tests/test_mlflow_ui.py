@@ -235,3 +235,21 @@ def test_tensorflow_load_lines_are_filtered_unless_verbose(verbose):
     noise = [line for line in out.stderr.splitlines() if "absl::InitializeLog" in line or "port.cc" in line]
     assert bool(noise) == verbose, out.stderr
     assert out.stderr.rstrip().endswith("after")  # standard error flows again once TensorFlow is loaded
+
+
+def test_two_studies_in_one_process_each_get_their_experiment(tmp_path):
+    """mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; a second study must not take it for the user's choice."""
+    script = """
+import os, sys, mlflow
+from emnist_exp import tracking
+mlflow.set_tracking_uri(sys.argv[1])
+for name in ("first", "second"):
+    with tracking.start_entry_run(run_name="study-" + name, tags={}, experiment=name) as run:
+        print(name, mlflow.get_experiment(run.info.experiment_id).name, os.environ.get("MLFLOW_EXPERIMENT_ID"))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
+                                                              "MLFLOW_RUN_ID")}
+    out = subprocess.run([sys.executable, "-c", script, f"sqlite:///{tmp_path / 'mlflow.db'}"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["first first None", "second second None"], out.stdout
