@@ -170,7 +170,8 @@ def test_predict_prints_each_good_file_and_one_error_line_per_bad_one(tiny_ensem
     assert len(errors) == len(bad) and all(any(b in e for e in errors) for b in bad), err
     lines = out.splitlines()
     assert [parse_line(line)[0] for line in lines] == good
-    model = mlflow.pyfunc.load_model(f"models:/emnist-ensemble/{tiny_ensemble}")
+    # Without --model, predict takes the latest registered version (other tests may register more).
+    model = mlflow.pyfunc.load_model(predict.default_model())
     inputs = np.stack([preprocess.to_emnist(preprocess.load_image(p)) for p in good])
     expected = model.predict(inputs.astype(np.float32))
     for line, (_, row) in zip(lines, expected.iterrows()):
@@ -350,14 +351,16 @@ def test_predict_line_prints_the_string_and_each_character(tiny_ensemble, tmp_pa
     page.save(tmp_path / "note.png")
     bad = [str(tmp_path / name) for name in bad_files(tmp_path)]
     saved = tmp_path / "seen"
-    code = predict.main(["--line", str(tmp_path / "note.png"), *bad, "--save-preprocessed", str(saved)])
+    uri = f"models:/emnist-ensemble/{tiny_ensemble}"
+    code = predict.main(["--line", str(tmp_path / "note.png"), *bad, "--save-preprocessed", str(saved),
+                         "--model", uri])
     out, err = capsys.readouterr()
     assert code == 1
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == len(bad) and all(any(b in e for e in errors) for b in bad), err
     head, *rows = out.splitlines()
     segments, images = segment.line_characters(preprocess.load_image(tmp_path / "note.png"))
-    model = mlflow.pyfunc.load_model(f"models:/emnist-ensemble/{tiny_ensemble}")
+    model = mlflow.pyfunc.load_model(uri)
     expected = list(model.predict(np.stack(images).astype(np.float32))["character"])
     assert head == f"{tmp_path / 'note.png'}  {segment.text(segments, expected)}"
     assert len(expected) == 4 and " " in head.split("  ", 1)[1]
