@@ -192,6 +192,7 @@ def kill_while_migrating(db: Path, attempts: int = 5) -> list[str]:
     pytest.fail(f"no kill in {attempts} tries left a half-rebuilt table behind")
 
 
+@pytest.mark.slow  # trains a study in real processes
 def test_half_migrated_store_is_one_sentence_and_repairs(tmp_path, tfds_dir):
     db = tmp_path / "mlflow.db"
     leftovers = kill_while_migrating(db)
@@ -251,6 +252,7 @@ def pg_database():
     admin.dispose()
 
 
+@pytest.mark.slow  # trains a study in real processes
 def test_password_with_a_slash_reaches_no_output_param_tag_or_artifact(tmp_path, tfds_dir, pg_database):
     """The server trusts 127.0.0.1, so any password connects: a real study runs with SECRET in its URL."""
     import mlflow
@@ -275,6 +277,7 @@ def test_password_with_a_slash_reaches_no_output_param_tag_or_artifact(tmp_path,
 # ---- 3 and 4. Ctrl-C and SIGTERM, to `python -m` and to `mlflow run` --------------------------------------
 
 
+@pytest.mark.slow  # trains a study in real processes
 def test_sigterm_to_python_m_fails_the_trial_and_kills_its_runs(tmp_path, tfds_dir):
     tracking_uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
     env = clean_env(tfds_dir, MLFLOW_TRACKING_URI=tracking_uri)
@@ -328,6 +331,7 @@ def test_sigterm_to_mlflow_run_stops_its_child_cleanly(tmp_path, tfds_dir):
 # ---- 5. a study name with a quote ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains a study in real processes
 def test_a_study_name_with_a_quote_works_in_ensemble_and_report(tmp_path, tfds_dir):
     env = clean_env(tfds_dir, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     log = tmp_path / "train.log"
@@ -367,6 +371,7 @@ def test_a_seed_out_of_range_is_one_sentence(capfd, seed):
     assert "seed must be between 0 and 4294967295" in one_error_line(capfd)
 
 
+@pytest.mark.slow  # trains a study in real processes
 def test_an_artifact_store_that_becomes_unwritable_is_one_sentence(tmp_path, tfds_dir):
     """Mid-study the local artifact root (./mlruns) is replaced by a file: every later artifact write fails."""
     env = clean_env(tfds_dir, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -385,6 +390,7 @@ def test_an_artifact_store_that_becomes_unwritable_is_one_sentence(tmp_path, tfd
     assert line.startswith("error: cannot write artifacts to ") and "mlruns" in line
 
 
+@pytest.mark.slow  # trains a study in real processes
 def test_ensemble_refuses_unknown_runs_experiments_and_non_trial_runs(tiny_ensemble, capfd):
     import mlflow
 
@@ -440,6 +446,7 @@ def test_predict_on_a_float_tiff_with_nan_or_inf_is_one_sentence(tmp_path, capfd
 # ---- 8. seeds that differ across workers, and a trial cap that holds ----------------------------------------------
 
 
+@pytest.mark.slow  # trains a study in real processes
 def test_workers_with_adjacent_seeds_never_share_a_keras_seed(workdir, capfd):
     """Worker seed 1 runs trial 0, then worker seed 0 runs trial 1: seed + number gave both seed 1."""
     from emnist_exp import tracking, train
