@@ -270,8 +270,9 @@ def test_synthetic_set_is_framed_by_the_same_function():
     images = synthetic.render_batch(np.arange(47), np.random.default_rng(0))
     for image in images:
         shape = preprocess.geometry(image)
-        assert abs(shape["box centre row"] - 13.5) <= 0.5 and abs(shape["box centre column"] - 13.5) <= 0.5, shape
-        assert shape["longer side >0"] == 24, shape  # the frame's content side, as for predict's images
+        # EMNIST's 0.5th..99.5th percentiles on 3,000 of the sample's train images
+        assert 13.0 <= shape["box centre row"] <= 14.0 and 12.5 <= shape["box centre column"] <= 15.0, shape
+        assert 24 <= shape["longer side >0"] <= 26, shape  # the frame's content side, as for predict's images
 
 
 # ---- lines ------------------------------------------------------------------------------------------

@@ -65,9 +65,10 @@ class EmnistSyntheticConfig(tfds.core.BuilderConfig):
 class EmnistSynthetic(tfds.core.GeneratorBasedBuilder):
     """Printed glyphs from matplotlib's fonts, warped to look handwritten, framed like EMNIST."""
 
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": IMAGE_NOTE,
-                     "1.2.0": "Framed like EMNIST (preprocess.frame_character), not fitted to 20 px by centre of mass."}
+                     "1.2.0": "Framed like EMNIST (preprocess.frame_character), not fitted to 20 px by centre of mass.",
+                     "1.3.0": "Blurred in proportion to the stroke width, as EMNIST's small characters are softer."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
