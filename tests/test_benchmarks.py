@@ -128,7 +128,7 @@ def test_time_to_accuracy_benchmark_smoke(workdir):
     assert float(seed[3]) == target  # the target is the seed recipe's own final validation accuracy
     assert seed[6] != "not reached" and float(seed[6]) <= float(seed[5])  # reached within its training time
     assert re.search(r"^speed-up to target: ([\d.]+x|not reached by the best recipe)$", out, flags=re.M), out
-    assert "best recipe: resnet-24, onecycle" in out
+    assert "best recipe: vgg5-32, onecycle" in out
     rates = re.search(r"^training rate \(seed CNN, batch 128\): ([\d,]+) / ([\d,]+) / ([\d,]+) images/s", out, re.M)
     assert rates and all(float(r.replace(",", "")) > 0 for r in rates.groups())
 
