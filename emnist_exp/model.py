@@ -106,7 +106,40 @@ def build_augmenter(spec: TrialSpec, seed: int) -> keras.Sequential | None:
         stack.append(layers.RandomZoom(spec.zoom, seed=seed + 2, **fill))
     if spec.elastic > 0:
         stack.append(layers.RandomElasticTransform(factor=1.0, scale=spec.elastic, seed=seed + 3, **fill))
+    if spec.stroke > 0:
+        stack.append(RandomStroke(spec.stroke, seed=seed + 4))
     return keras.Sequential(stack, name="augment") if stack else None
+
+
+class RandomStroke(layers.Layer):
+    """A random pen width: each image moved toward its 3x3 grey dilation (broader strokes) or its
+    erosion (finer ones), by a fraction drawn uniformly from [-amount, amount].
+
+    Users' pens are broader or finer than NIST's for the size of their characters, and a dilated
+    pen closes small holes that no conversion can open again (benchmarks/own_images.py), so the
+    members learn to read either. At 28 px a full step is a pixel on each side of every stroke.
+    """
+
+    def __init__(self, amount: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.amount, self.seed = float(amount), seed
+
+    def call(self, images, training=True):
+        import tensorflow as tf  # noqa: PLC0415 (the tf.data map runs TensorFlow ops whatever the backend)
+
+        if not training:
+            return images
+        broader = tf.nn.max_pool2d(images, 3, 1, "SAME")
+        finer = -tf.nn.max_pool2d(-images, 3, 1, "SAME")
+        # a stateful op seed: a new draw every batch, the same sequence for the same Keras seed
+        step = tf.random.uniform(tf.stack([tf.shape(images)[0], 1, 1, 1]), -self.amount, self.amount, seed=self.seed)
+        out = images + tf.maximum(step, 0.0) * (broader - images) + tf.maximum(-step, 0.0) * (finer - images)
+        # erosion dims a thin stroke: stretched back to the image's own peak, as EMNIST's are to 255
+        peak = lambda x: tf.reduce_max(x, axis=[1, 2, 3], keepdims=True)  # noqa: E731
+        return out * tf.math.divide_no_nan(peak(images), peak(out))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "amount": self.amount, "seed": self.seed}
 
 
 def learning_rate(spec: TrialSpec, steps_per_epoch: int, epochs: int):

@@ -26,6 +26,7 @@ class TrialSpec:
     shift: float = 0.0  # fraction of the image, both axes
     zoom: float = 0.0  # fraction, in and out
     elastic: float = 0.0  # keras RandomElasticTransform scale; 0 = off
+    stroke: float = 0.0  # pen width: each image moved toward its 3x3 grey dilation or erosion by up to this; 0 = off
     # optimisation
     learning_rate: float = 1e-3
     schedule: str = "exp"  # exp: lr*0.95^epoch (the Kaggle recipe); cosine; onecycle

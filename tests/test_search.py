@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import optuna
 import pytest
 
@@ -12,7 +13,7 @@ from emnist_exp.spec import TrialSpec
 
 def test_fixed_trial_gives_the_spec_it_describes():
     params = {"arch": "resnet", "resnet_width": 16, "augment": True, "rotation": 10.0, "shift": 0.1, "zoom": 0.05,
-              "elastic": 0.2, "dropout": 0.3, "batch_norm": False, "learning_rate": 2e-3, "schedule": "cosine",
+              "elastic": 0.2, "stroke": 0.4, "dropout": 0.3, "batch_norm": False, "learning_rate": 2e-3, "schedule": "cosine",
               "batch_size": 64, "label_smoothing": 0.1}
     spec = suggest_spec(optuna.trial.FixedTrial(params), "full")
     fields = {k: v for k, v in params.items() if k != "resnet_width"}
@@ -24,8 +25,22 @@ def test_fixed_trial_gives_the_spec_it_describes():
 def test_augmentation_off_asks_for_no_strengths():
     spec = spec_from_params({"arch": "cnn", "cnn_width": 32, "augment": False, "dropout": 0.1, "batch_norm": True,
                              "learning_rate": 1e-3, "schedule": "exp", "batch_size": 32, "label_smoothing": 0.0})
-    assert not spec.augment and spec.rotation == spec.shift == spec.zoom == spec.elastic == 0.0
+    assert not spec.augment and spec.rotation == spec.shift == spec.zoom == spec.elastic == spec.stroke == 0.0
     assert build_augmenter(spec, seed=0) is None
+
+
+def test_pen_width_augmentation_broadens_and_thins_strokes_and_keeps_the_peak():
+    import tensorflow as tf
+
+    image = np.zeros((28, 28, 1), np.float32)
+    image[6:22, 12:15] = 255.0  # a 3 px upright stroke
+    batch = np.repeat(image[None], 64, axis=0)
+    augment = build_augmenter(TrialSpec(augment=True, stroke=1.0), seed=0)
+    out = next(iter(tf.data.Dataset.from_tensors(batch).map(lambda x: augment(x, training=True)))).numpy()
+    ink = (out > 127).sum(axis=(1, 2, 3))
+    assert ink.min() < (image > 127).sum() < ink.max(), ink  # some images finer, some broader
+    np.testing.assert_allclose(out.max(axis=(1, 2, 3)), 255.0, rtol=1e-5)
+    assert np.array_equal(augment(batch, training=False), batch)
 
 
 @pytest.mark.parametrize("space", sorted(SPACES))
