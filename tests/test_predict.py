@@ -323,6 +323,19 @@ def test_a_line_is_cut_into_its_characters_left_to_right():
     assert all(image.shape == (28, 28) and image.max() == 255 for image in images)
 
 
+def test_a_stray_mark_between_characters_joins_one_instead_of_becoming_one():
+    from emnist_exp import segment
+
+    page, spans = line_page(["o", "o", "o"], [40, 40])
+    draw = ImageDraw.Draw(page)
+    mark = spans[0][1] + 10  # a 4x13 px mark in the first gap, nearer the first character
+    draw.rectangle([mark, 40, mark + 3, 52], fill=0)
+    segments, _ = segment.line_characters(page)
+    assert len(segments) == 3, segments
+    assert segments[0].right == mark + 4, segments  # the mark went to its nearer neighbour
+    assert [s.left for s in segments[1:]] == [spans[1][0] + 1, spans[2][0] + 1], segments
+
+
 def test_a_line_of_sample_characters_is_found_whole(sample_dir):
     import sys
 
