@@ -57,7 +57,7 @@ def tuned_space(trial: optuna.Trial) -> TrialSpec:
     """A narrow space for CPU budgets: every point is a strong member, and members differ.
 
     One-cycle at batch 32 or 64 (on 2 cores batch 64 is as fast per image as 128, and both
-    converge further per epoch), batch-norm on. Augmentation on or off, and light when on (rotation, shift, zoom, pen width): in
+    converge further per epoch), batch-norm on. Augmentation on or off, and light when on: in
     ~10 epochs heavy augmentation costs more fit than it buys. No elastic warp: Keras' costs
     more CPU per image than the training step can spare. The architecture is searched too:
     members of different architectures share fewer errors. Measured in BENCHMARKS.md.
@@ -70,7 +70,6 @@ def tuned_space(trial: optuna.Trial) -> TrialSpec:
         rotation=trial.suggest_float("rotation", 3.0, 8.0) if augment else 0.0,
         shift=trial.suggest_float("shift", 0.02, 0.06) if augment else 0.0,
         zoom=trial.suggest_float("zoom", 0.02, 0.06) if augment else 0.0,
-        stroke=trial.suggest_float("stroke", 0.3, 0.8) if augment else 0.0,
         dropout=trial.suggest_float("dropout", 0.2, 0.4),
         learning_rate=trial.suggest_float("learning_rate", 1e-3, 3e-3, log=True),
         schedule="onecycle",
