@@ -195,19 +195,29 @@ def kill_while_migrating(db: Path, attempts: int = 5) -> list[str]:
 @pytest.mark.slow  # trains a study in real processes
 def test_half_migrated_store_is_one_sentence_and_repairs(tmp_path, tfds_dir):
     db = tmp_path / "mlflow.db"
-    leftovers = kill_while_migrating(db)
     env = clean_env(tfds_dir, MLFLOW_TRACKING_URI=f"sqlite:///{db}")
     args = ["--study", "after-repair", "--n_trials", "1", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
-    broken = subprocess.run([sys.executable, "-m", "emnist_exp.train", "--dataset", DATASET, "--epochs", "1", *args],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert broken.returncode == 2, broken.stderr[-3000:]
-    assert "Traceback" not in broken.stderr
-    (line,) = [x for x in broken.stderr.splitlines() if x.startswith("error: ")]
-    assert "half-migrated" in line and leftovers[0] in line and "python -m emnist_exp.stores --repair" in line
+    # Where the kill lands is up to the clock. Inside a table rebuild, the repair finishes the
+    # upgrade; after one of the migration's own non-transactional steps (an ALTER TABLE ADD
+    # COLUMN) it cannot, and must say so in one sentence: that case is checked and the kill retried.
+    for _ in range(4):
+        leftovers = kill_while_migrating(db)
+        broken = subprocess.run([sys.executable, "-m", "emnist_exp.train", "--dataset", DATASET, "--epochs", "1",
+                                 *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert broken.returncode == 2, broken.stderr[-3000:]
+        assert "Traceback" not in broken.stderr
+        (line,) = [x for x in broken.stderr.splitlines() if x.startswith("error: ")]
+        assert "half-migrated" in line and leftovers[0] in line and "python -m emnist_exp.stores --repair" in line
 
-    repair = subprocess.run([sys.executable, "-m", "emnist_exp.stores", "--repair"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert repair.returncode == 0, repair.stderr[-3000:]
+        repair = subprocess.run([sys.executable, "-m", "emnist_exp.stores", "--repair"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=600)
+        if repair.returncode == 0:
+            break
+        assert repair.returncode == 2 and "Traceback" not in repair.stderr, repair.stderr[-3000:]
+        (line,) = [x for x in repair.stderr.splitlines() if x.startswith("error: ")]
+        assert "restore it from a backup" in line, line
+    else:
+        pytest.fail("every kill landed after a non-transactional step; no repairable store to check")
     fixed = subprocess.run([sys.executable, "-m", "emnist_exp.train", "--dataset", DATASET, "--epochs", "1", *args],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert fixed.returncode == 0, fixed.stderr[-3000:]
