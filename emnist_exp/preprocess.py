@@ -155,7 +155,12 @@ def frame_character(ink: np.ndarray) -> np.ndarray:
     if not ink.any():
         raise UserError("no character found: the image is blank or has no contrast.")
     mask = nist_mask(crop(ink))
-    sigma = blur_sigma(mask)
+    return emnist_steps(mask, blur_sigma(mask))
+
+
+def emnist_steps(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """EMNIST's own steps on a binary NIST-scale mask: blur by `sigma` px, crop, centre in a square with a
+    border, bicubic to 28x28, stretch to 0..255."""
     pad = BORDER + int(np.ceil(BLUR_TRUNCATE * sigma))
     blurred = ndimage.gaussian_filter(np.pad(mask.astype(np.float32), pad), sigma, truncate=BLUR_TRUNCATE)
     square = centre_square(crop(np.where(blurred > 1e-3, blurred, 0.0)))

@@ -161,3 +161,34 @@ def test_own_images_benchmark_smoke(tiny_study, sample_dir):
     assert int(total) == 4 and 0 <= int(found) <= 4
     assert re.match(r"^\d+ / \d+$", lines["characters in lines / segments found"])
     assert "EMNIST train" in out and "stroke width >127" in out
+
+
+def test_own_images_ceiling_smoke(tiny_study, sample_dir):
+    """The view-averaging and fine-tune probes run on a few images and print one row each, with real numbers."""
+    from emnist_exp import tracking
+
+    run = tracking.finished_trials(study=tiny_study["study"])[0]
+    out = run_script("own_images_ceiling.py", "--smoke", "--model", f"runs:/{run.info.run_id}/model",
+                     "--sample", str(sample_dir))
+    rows = re.findall(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+)\s+([+-][\d.]+)\s+(\d+) of 12\s+([+-][\d.]+) (.+)$",
+                      out, flags=re.M)
+    assert [r[0] for r in rows] == [
+        "the trial model, frame_character (own_images.py)",
+        "scores averaged over 3 sizes at NIST scale (56 / 64 / 72 px)",
+        "scores averaged over 3 rotations (-4 / 0 / +4 degrees)",
+        "scores averaged over 3 blurs (sigma x0.8 / x1 / x1.25)",
+        "fine-tuned 1 epoch on stored train images",
+        "fine-tuned 1 epoch, half of them round trips",
+    ], out
+    for name, stored, converted, change, _, _, worst, condition in rows:
+        assert 0 <= float(stored) <= 1 and 0 <= float(converted) <= 1
+        assert abs(100 * (float(converted) - float(stored)) - float(change)) < 0.02  # the change is the two columns'
+        assert float(worst) <= float(change) and condition in own_images_conditions()
+    assert len({r[1] for r in rows[:4]}) == 1  # view averaging leaves the model, and its as-stored accuracy, alone
+
+
+def own_images_conditions() -> set[str]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import own_images
+
+    return set(own_images.CONDITIONS)
