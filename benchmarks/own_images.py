@@ -58,10 +58,10 @@ def read_images(path: str) -> np.ndarray:
     return np.concatenate(list(IdxStream(path, "images").blocks()))
 
 
-def load_test(folder: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` test images (upright uint8) and labels, a seeded random choice."""
-    images = read_images(str(Path(folder) / "emnist-bymerge-test-images-idx3-ubyte.gz"))
-    labels = read_labels(str(Path(folder) / "emnist-bymerge-test-labels-idx1-ubyte.gz"))
+def load_test(folder: str, count: int, seed: int, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """`count` images of `split` (upright uint8) and their labels, a seeded random choice."""
+    images = read_images(str(Path(folder) / f"emnist-bymerge-{split}-images-idx3-ubyte.gz"))
+    labels = read_labels(str(Path(folder) / f"emnist-bymerge-{split}-labels-idx1-ubyte.gz"))
     pick = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
     return np.ascontiguousarray(images[pick].transpose(0, 2, 1)), labels[pick].astype(np.int64)
 

@@ -31,8 +31,7 @@ from scipy import ndimage
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import own_images  # noqa: E402
-from own_images import CONDITIONS, SAMPLE, load_test, read_back, read_images, read_labels, render  # noqa: E402
+from own_images import CONDITIONS, SAMPLE, accuracy, load_test, read_back, render  # noqa: E402
 
 from emnist_exp import preprocess  # noqa: E402
 
@@ -84,18 +83,11 @@ def frame_job(job: tuple[np.ndarray, dict]) -> np.ndarray:
 def round_trip(job: tuple[np.ndarray, int]) -> np.ndarray:
     """A train image as a clean 128 px scan, through predict's whole conversion."""
     image, seed = job
-    return framed(page_ink((image, 128, None, seed)))
-
-
-def train_split(folder: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    images = read_images(str(Path(folder) / "emnist-bymerge-train-images-idx3-ubyte.gz"))
-    labels = read_labels(str(Path(folder) / "emnist-bymerge-train-labels-idx1-ubyte.gz"))
-    pick = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
-    return np.ascontiguousarray(images[pick].transpose(0, 2, 1)), labels[pick].astype(np.int64)
+    return preprocess.frame_character(page_ink((image, 128, None, seed)))
 
 
 def scores(net, images: np.ndarray) -> np.ndarray:
-    from emnist_exp.serving import BATCH, to_pixels  # noqa: PLC0415
+    from emnist_exp.serving import BATCH, to_pixels  # noqa: PLC0415 (TensorFlow stays out of the pool's workers)
 
     return np.asarray(net.predict(to_pixels(images), batch_size=BATCH, verbose=0), dtype=np.float64)
 
@@ -123,7 +115,7 @@ def main() -> None:
         args.images, args.train_images = 40, 64
     start = time.perf_counter()
     images, labels = load_test(args.sample, args.images, args.seed)
-    train_images, train_labels = train_split(args.sample, 2 * args.train_images, args.seed + 1)
+    train_images, train_labels = load_test(args.sample, 2 * args.train_images, args.seed + 1, split="train")
     half = args.train_images
     with Pool(os.cpu_count()) as pool:
         print(f"rendering {len(images)} test images in {len(CONDITIONS)} conditions", file=sys.stderr, flush=True)
@@ -147,28 +139,26 @@ def main() -> None:
     print(f"model {args.model}; {len(images)} test images of the sample; stand-in: enlarged EMNIST images; "
           f"fine-tunes on {2 * half} train images\n")
     print(f"{'probe':<62}  {'stored':>6}  {'converted':>9}  {'change':>6}  {'128 px':>6}  {'<=1.0':>8}  worst")
-    base = {c: accuracy(scores(net, f), labels) for c, f in frames[()].items()}
+    framing_scores = {key: {c: scores(net, f) for c, f in by_condition.items()} for key, by_condition in frames.items()}
+    base = {c: accuracy(s, labels) for c, s in framing_scores[()].items()}
     stored = accuracy(scores(net, images), labels)
     print(row("the trial model, frame_character (own_images.py)", stored, base), flush=True)
     for name, views in VIEWS.items():
         keys = [tuple(sorted(v.items())) for v in views]
-        averaged = {c: accuracy(sum(scores(net, frames[k][c]) for k in keys), labels) for c in CONDITIONS}
+        averaged = {c: accuracy(sum(framing_scores[k][c] for k in keys), labels) for c in CONDITIONS}
         print(row(f"scores averaged over {name}", stored, averaged), flush=True)
-    stored_half = np.concatenate([train_images[half:], train_images[:half]])
-    for name, inputs in (("fine-tuned 1 epoch on stored train images", stored_half),
-                         ("fine-tuned 1 epoch, half of them round trips", np.concatenate([train_images[half:], trips]))):
+    # The round trips replace the first half, so both fine-tunes see the same labels in the same order.
+    kept, tripped = train_images[half:], train_images[:half]
+    order = np.concatenate([train_labels[half:], train_labels[:half]])
+    for name, inputs in (("fine-tuned 1 epoch on stored train images", np.concatenate([kept, tripped])),
+                         ("fine-tuned 1 epoch, half of them round trips", np.concatenate([kept, trips]))):
         tuned = mlflow.keras.load_model(args.model)
         tuned.compile(optimizer=keras.optimizers.Adam(FINE_TUNE_RATE), loss="sparse_categorical_crossentropy")
         keras.utils.set_random_seed(args.seed)  # the same shuffle for both fine-tunes
-        order = np.concatenate([train_labels[half:], train_labels[:half]])
         tuned.fit(to_pixels(inputs), order, batch_size=FINE_TUNE_BATCH, epochs=1, shuffle=True, verbose=0)
         converted = {c: accuracy(scores(tuned, f), labels) for c, f in frames[()].items()}
         print(row(name, accuracy(scores(tuned, images), labels), converted), flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s")
-
-
-def accuracy(class_scores: np.ndarray, labels: np.ndarray) -> float:
-    return own_images.accuracy(class_scores, labels)
 
 
 if __name__ == "__main__":
