@@ -52,10 +52,10 @@ def ensemble_runs(tracking_uri: str, study: str, expected: int) -> list:
     """The study's ensemble runs, newest first, as the ensemble command logged them."""
     import mlflow  # noqa: PLC0415
 
-    from emnist_exp import tracking  # noqa: PLC0415
+    from emnist_exp.tracking import queries  # noqa: PLC0415
 
     mlflow.set_tracking_uri(tracking_uri)
-    runs = tracking.study_runs(study, "ensemble")
+    runs = queries.study_runs(study, "ensemble")
     if len(runs) != expected:
         sys.exit(f"error: expected {expected} ensemble runs of study {study!r}, found {len(runs)}.")
     return runs

@@ -65,10 +65,10 @@ def graph_against_pyfunc(run_id: str, images: np.ndarray, repeats: int) -> list[
     import mlflow  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
 
-    from emnist_exp import tracking  # noqa: PLC0415
+    from emnist_exp.tracking import models  # noqa: PLC0415
 
-    folder = tracking.download_graph(run_id)
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/{tracking.MODEL_NAME}").unwrap_python_model()
+    folder = models.download_graph(run_id)
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/{models.MODEL_NAME}").unwrap_python_model()
     graph = keras.saving.load_model(folder / "ensemble.keras")
     served = tf.saved_model.load(str(folder / "saved_model"))
 
@@ -124,10 +124,12 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                       os.environ.get("PYTHONPATH", "")]))
 
-    from emnist_exp import data, tracking  # noqa: PLC0415
+    from emnist_exp import data  # noqa: PLC0415
+    from emnist_exp.tracking import queries, results, runs, tags  # noqa: PLC0415
+    import mlflow  # noqa: PLC0415
     from emnist_exp.config import resolve  # noqa: PLC0415
 
-    commit = tracking.git_commit()[:7]  # now: the checkout may move while this runs
+    commit = runs.git_commit()[:7]  # now: the checkout may move while this runs
     flags = {"dataset": args.dataset, "study": STUDY, "space": "tuned", "n_trials": str(len(WIDTH)),
              "epochs": str(args.epochs), "patience": str(args.epochs), "pruner": "none", "storage": storage}
     queue_trials(resolve(flags))
@@ -140,10 +142,10 @@ def main() -> None:
     ensemble_s = run([sys.executable, "-m", "emnist_exp.ensemble", "--study", STUDY, "--top", str(len(WIDTH)),
                       "--no-register"], env, log)
 
-    client = tracking.mlflow.MlflowClient()
-    trials = sorted(tracking.finished_trials(study=STUDY), key=lambda r: int(r.data.tags[tracking.TRIAL_TAG]))
-    preds = [tracking.load_predictions(r.info.run_id) for r in trials]
-    ens = tracking.study_runs(STUDY, "ensemble")[0]
+    client = mlflow.MlflowClient()
+    trials = sorted(queries.finished_trials(study=STUDY), key=lambda r: int(r.data.tags[tags.TRIAL_TAG]))
+    preds = [results.load_predictions(r.info.run_id) for r in trials]
+    ens = queries.study_runs(STUDY, "ensemble")[0]
     test_labels = preds[0]["test_labels"]
     wrong = [p["test_probs"].argmax(axis=1) != test_labels for p in preds]
 

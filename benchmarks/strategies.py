@@ -16,13 +16,14 @@ import argparse
 
 import numpy as np
 
-from emnist_exp import tracking, voting
+from emnist_exp import voting
+from emnist_exp.tracking import queries
 from emnist_exp.members import member_predictions
 
 
 def members(study: str, top: int, pool: int) -> tuple[dict, int]:
     """Logged validation and test predictions of the study's best max(top, pool) trials, and the trial count."""
-    runs = tracking.finished_trials(study=study)
+    runs = queries.finished_trials(study=study)
     if not runs:
         raise SystemExit(f"error: no finished trial runs in study {study!r}.")
     preds = [member_predictions(r, reinfer=False) for r in runs[: max(top, pool)]]
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=2, help="validation folds for cross-fitting (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="how validation is split into folds")
     args = parser.parse_args()
-    study = args.study or tracking.latest_study()
+    study = args.study or queries.latest_study()
     pooled, n_runs = members(study, args.top, args.pool)
     top = {s: (p[: args.top], y) for s, (p, y) in pooled.items()}
     best = int(np.argmax([voting.accuracy(p, top["val"][1]) for p in top["val"][0]]))

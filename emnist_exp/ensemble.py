@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import io
 import sys
-import time
-
-import numpy as np
 
 from emnist_exp import console
-from emnist_exp.errors import UserError, cli_main
+from emnist_exp.errors import cli_main
 from emnist_exp.voting import STRATEGIES
 
 
@@ -43,112 +39,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def select_members(args: argparse.Namespace):
-    from emnist_exp import tracking  # noqa: PLC0415
-
-    run_ids = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
-    study = None if run_ids or args.experiment else (args.study or tracking.latest_study())
-    if args.top < 1:
-        raise UserError("--top must be at least 1.")
-    runs = tracking.finished_trials(study=study, experiment=args.experiment, run_ids=run_ids)
-    where = f"study {study!r}" if study else (f"experiment {args.experiment!r}" if args.experiment else "the store")
-    if not runs:
-        raise UserError(f"no finished trial runs in {where}: run `python -m emnist_exp.train` first.")
-    wanted = max(args.top, args.pool) if args.strategy == "greedy" else args.top
-    if len(runs) < wanted:
-        print(f"warning: {where} has {len(runs)} finished trial runs, fewer than {wanted}; using them all",
-              file=sys.stderr)
-    runs = runs[:wanted]
-    datasets = {r.data.params.get("dataset") for r in runs}
-    if len(datasets) > 1:
-        raise UserError(f"members were trained on different datasets ({', '.join(sorted(map(str, datasets)))}).")
-    return study, runs
-
-
-def per_class_csv(labels: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]) -> str:
-    out = io.StringIO()
-    out.write("class,character,support,accuracy\n")
-    for i, c in enumerate(classes):
-        mask = labels == i
-        acc = float(np.mean(predicted[mask] == i)) if mask.any() else float("nan")
-        out.write(f"{i},{c},{int(mask.sum())},{acc:.4f}\n")
-    return out.getvalue()
-
-
-def matrix_csv(matrix: np.ndarray, names: list[str]) -> str:
-    rows = [",".join(["run"] + names)]
-    rows += [",".join([n] + [f"{v:.4f}" for v in row]) for n, row in zip(names, matrix)]
-    return "\n".join(rows) + "\n"
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console.quiet(verbose=bool(args.verbose))
-    from emnist_exp import members, plots, tracking, voting  # noqa: PLC0415
+    from emnist_exp import assembly  # noqa: PLC0415
+    from emnist_exp.tracking import experiments, models  # noqa: PLC0415
 
     console.quiet_libraries()
-
-    study, runs = select_members(args)
-    started = time.perf_counter()
-    preds = [members.member_predictions(r, args.reinfer) for r in runs]
-    classes = tuple(str(c) for c in preds[0]["classes"])
-    if any(tuple(str(c) for c in p["classes"]) != classes for p in preds):
-        raise UserError("members have different class lists; they cannot vote together.")
-    val = voting.stack(preds, "val")
-    test = voting.stack(preds, "test")
-    weights = voting.weights_for(args.strategy, *val)
-    keep = list(range(len(runs))) if weights is None else [i for i, w in enumerate(weights) if w > 0]
-    runs, weights = [runs[i] for i in keep], None if weights is None else weights[keep]
-    val = (val[0][keep], val[1])
-    test = None if test is None else (test[0][keep], test[1])
-    val_scores = voting.combine(args.strategy, val[0], weights)
-    seconds = time.perf_counter() - started
-
-    ids = [r.info.run_id for r in runs]
-    names = [r.info.run_name or r.info.run_id[:8] for r in runs]
-    metrics = {"val_accuracy": voting.accuracy(val_scores, val[1]), "assembly_seconds": seconds}
-    member_val = [voting.accuracy(p, val[1]) for p in val[0]]
-    member_test = [voting.accuracy(p, test[1]) for p in test[0]] if test else [float("nan")] * len(runs)
-    for i, (v, t) in enumerate(zip(member_val, member_test)):
-        metrics[f"member_{i}_val_accuracy"] = v
-        if test:
-            metrics[f"member_{i}_test_accuracy"] = t
-    metrics["val_gain_over_best_member"] = metrics["val_accuracy"] - max(member_val)
-    split_probs = test[0] if test else val[0]
-    split_labels = test[1] if test else val[1]
-    scores = voting.combine(args.strategy, split_probs, weights)
-    if test:
-        metrics["test_accuracy"] = voting.accuracy(scores, test[1])
-        best = int(np.argmax(member_val))  # the best member is chosen on validation, reported on test
-        metrics["test_gain_over_best_member"] = metrics["test_accuracy"] - member_test[best]
-    dis = voting.disagreement(split_probs)
-    metrics["mean_pairwise_disagreement"] = float(dis[np.triu_indices(len(runs), 1)].mean()) if len(runs) > 1 else 0.0
-    predicted = scores.argmax(axis=1)
-    split_name = "test" if test else "validation"
-    run_id, version = tracking.log_ensemble(
-        experiment_id=runs[0].info.experiment_id, study=study, strategy=args.strategy, members=ids,
-        weights=weights, classes=classes, metrics=metrics,
-        tables={"per_class_accuracy.csv": per_class_csv(split_labels, predicted, classes),
-                "pairwise_disagreement.csv": matrix_csv(dis, ids)},
-        figures={"plots/confusion_matrix.png": plots.confusion(
-            split_labels, predicted, classes, title=f"ensemble ({args.strategy}) on {split_name}")},
-        register=args.register, graph=None if args.strategy == "hard" else graph(ids, weights),
-    )
-    print_table(names, weights, member_val, member_test, metrics, args.strategy)
-    print(f"assembled {len(runs)} members in {seconds:.2f}s "
-          f"({'re-inference' if args.reinfer else 'logged predictions'}); ensemble run {run_id}")
-    if version:
-        print(f"registered models:/{tracking.ENSEMBLE_MODEL}/{version}")
-    print(f"runs: {tracking.experiment_url(runs[0].info.experiment_id)} (`mlflow ui` for a local store)")
+    run_ids = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
+    study, runs = assembly.select_members(top=args.top, strategy=args.strategy, pool=args.pool, study=args.study,
+                                          experiment=args.experiment, run_ids=run_ids)
+    done = assembly.assemble(runs, study=study, strategy=args.strategy, reinfer=bool(args.reinfer),
+                             register=bool(args.register))
+    print_table(done.names, done.weights, done.member_val, done.member_test, done.metrics, done.strategy)
+    print(f"assembled {len(done.run_ids)} members in {done.seconds:.2f}s "
+          f"({'re-inference' if args.reinfer else 'logged predictions'}); ensemble run {done.run_id}")
+    if done.version:
+        print(f"registered models:/{models.ENSEMBLE_MODEL}/{done.version}")
+    print(f"runs: {experiments.experiment_url(done.experiment_id)} (`mlflow ui` for a local store)")
     return 0
-
-
-def graph(run_ids: list[str], weights: np.ndarray):
-    """The members' Keras models and their soft vote as one model (a hard vote has no such graph)."""
-    from emnist_exp import model, tracking  # noqa: PLC0415
-
-    return model.ensemble_graph([tracking.load_keras_model(r) for r in run_ids], weights)
 
 
 def print_table(names, weights, member_val, member_test, metrics, strategy) -> None:

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from emnist_exp import data, serving, tracking
+from emnist_exp import data, serving
+from emnist_exp.tracking import models, results
 
 BATCH = 1024  # images per class_scores call: memory stays flat whatever the split's size
 
 
 def member_predictions(run, reinfer: bool) -> dict[str, np.ndarray]:
     """Logged predictions, or (missing, or `reinfer`) the member's logged model run on its own splits."""
-    cached = None if reinfer else tracking.load_predictions(run.info.run_id)
+    cached = None if reinfer else results.load_predictions(run.info.run_id)
     if cached is not None:
         return cached
     p = run.data.params
     splits = data.load_splits(p["dataset"], val_fraction=float(p.get("val_fraction", 0.1)),
                               max_examples=int(p.get("max_examples", 0)), data_dir=p.get("data_dir", ""))
-    model = serving.load_model(tracking.model_uri(run.info.run_id))
+    model = serving.load_model(models.model_uri(run.info.run_id))
     out = {"classes": np.array(model.classes), "val_probs": split_scores(model, splits.val),
            "val_labels": splits.val_labels}
     if splits.test is not None:

@@ -9,7 +9,8 @@ import keras
 import numpy as np
 import optuna
 
-from emnist_exp import data, signals, tracking, trainer
+from emnist_exp import data, signals, trainer
+from emnist_exp.tracking import datasets, models, results, runs
 from emnist_exp.config import Config
 from emnist_exp.search import suggest_spec
 from emnist_exp.study import WORKER, trial_seed
@@ -49,7 +50,7 @@ class Objective:
         self.cfg = cfg
         self.splits = splits
         self.on_start = on_start  # told once each trial exists in the storage (the trial cap's claim)
-        self.datasets = tracking.split_datasets(cfg.dataset, data.split_records(splits), len(splits.classes))
+        self.datasets = datasets.split_datasets(cfg.dataset, data.split_records(splits), len(splits.classes))
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg, splits = self.cfg, self.splits
@@ -62,15 +63,15 @@ class Objective:
         extra = {"dataset": cfg.dataset, "val_fraction": cfg.val_fraction, "max_examples": cfg.max_examples,
                  "data_dir": cfg.data_dir, "n_train": splits.counts["train"], "max_epochs": cfg.epochs}
         trial.set_user_attr("worker", WORKER)  # which machine and process ran (or lost) this trial
-        with tracking.trial_run(cfg.study, trial.number, spec, seed, extra) as run:
+        with runs.trial_run(cfg.study, trial.number, spec, seed, extra) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            tracking.log_datasets(self.datasets)
+            datasets.log_datasets(self.datasets)
             pruning = PruningCallback(trial)
             result = trainer.train_spec(spec, splits, epochs=cfg.epochs, patience=cfg.patience, seed=seed,
                                         shuffle_buffer=cfg.shuffle_buffer,
-                                        callbacks=[pruning, tracking.EpochLogger(), StopOnSignal()])
+                                        callbacks=[pruning, runs.EpochLogger(), StopOnSignal()])
             if result.diverged:
-                tracking.set_state("FAIL")
+                runs.set_state("FAIL")
                 print(f"trial {trial.number}: loss became NaN; the trial fails and the study goes on")
                 return float("nan")  # Optuna records a NaN objective as FAIL
             if pruning.pruned_at is not None:
@@ -78,8 +79,8 @@ class Objective:
             try:
                 self._log(result, spec)
             except OSError as exc:  # a full disk, or an artifact folder gone or read-only
-                raise tracking.artifact_write_error(exc) from None
-            tracking.set_state("COMPLETE")
+                raise results.artifact_write_error(exc) from None
+            runs.set_state("COMPLETE")
             return result.val_accuracy
 
     def _log(self, result: trainer.TrainResult, spec) -> None:
@@ -87,7 +88,7 @@ class Objective:
         if result.test_probs is not None:
             wrong = np.flatnonzero(result.test_probs.argmax(axis=1) != result.test_labels)[:48]
             images = data.images_at(self.splits.test, wrong)
-        model_id = tracking.log_keras_model(result.model, self.splits.classes,
+        model_id = models.log_keras_model(result.model, self.splits.classes,
                                             data.images_at(self.splits.val, range(min(4, self.splits.counts["val"]))))
-        tracking.log_trial_result(result, spec, self.splits.classes, param_count=result.model.count_params(),
+        results.log_trial_result(result, spec, self.splits.classes, param_count=result.model.count_params(),
                                   model_id=model_id, datasets=self.datasets, test_images=images, wrong_index=wrong)

@@ -73,13 +73,13 @@ def save_preprocessed(images: list[tuple[str, np.ndarray]], folder: str) -> None
 
 def default_model() -> str:
     """The latest registered version of the ensemble."""
-    from emnist_exp import tracking  # noqa: PLC0415
+    from emnist_exp.tracking import models  # noqa: PLC0415
 
-    version = tracking.latest_version(tracking.ENSEMBLE_MODEL)
+    version = models.latest_version(models.ENSEMBLE_MODEL)
     if version is None:
-        raise UserError(f"no {tracking.ENSEMBLE_MODEL} model is registered in this tracking store: run "
+        raise UserError(f"no {models.ENSEMBLE_MODEL} model is registered in this tracking store: run "
                         "`python -m emnist_exp.ensemble` first, or pass --model.")
-    return f"models:/{tracking.ENSEMBLE_MODEL}/{version}"
+    return f"models:/{models.ENSEMBLE_MODEL}/{version}"
 
 
 def ranked(model, images: np.ndarray, k: int = TOP) -> list[list[tuple[str, float]]]:

@@ -3,22 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import sys
-import time
 
-from emnist_exp.errors import UserError, cli_main
-from emnist_exp.spec import TrialSpec
-
-FOLDER = "report"  # artifact folder in the study's parent run
-HYPERPARAMETERS = [f.name for f in dataclasses.fields(TrialSpec)]
-SWITCHES = {"augment": ("augmentation", "augmentation.png"), "batch_norm": ("batch norm", "batch_norm.png")}
-# The summary table: (column, header). Everything else is in each run's params in `mlflow ui`.
-SUMMARY = [("trial", "trial"), ("state", "state"), ("arch", "arch"), ("augment", "aug"), ("batch_norm", "bn"),
-           ("dropout", "dropout"), ("width", "width"), ("learning_rate", "lr"), ("batch_size", "batch"),
-           ("schedule", "schedule"), ("label_smoothing", "smoothing"), ("val_accuracy", "val_acc"),
-           ("test_accuracy", "test_acc")]
+from emnist_exp.errors import cli_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,164 +19,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_value(text: str):
-    """An MLflow param (always a string) back to the bool, int, float or str it was."""
-    if text in ("True", "False"):
-        return text == "True"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def trial_rows(runs) -> list[dict]:
-    """One row per trial run: number, state, hyperparameters, accuracies (NaN when not logged); by number."""
-    from emnist_exp import tracking  # noqa: PLC0415
-
-    rows = []
-    for run in runs:
-        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        rows.append({"trial": int(tags.get(tracking.TRIAL_TAG, -1)), "run_id": run.info.run_id,
-                     "name": run.info.run_name or run.info.run_id[:8],
-                     "state": tags.get(tracking.STATE_TAG, run.info.status),
-                     **{p: parse_value(params[p]) for p in HYPERPARAMETERS if p in params},
-                     "val_accuracy": metrics.get("val_accuracy", math.nan),
-                     "test_accuracy": metrics.get("test_accuracy", math.nan)})
-    return sorted(rows, key=lambda r: r["trial"])
-
-
-def ensemble_rows(runs) -> list[dict]:
-    """One row per ensemble run (newest first), with its members' accuracies."""
-    rows = []
-    for run in runs:
-        members = [m for m in run.data.tags.get("ensemble.members", "").split(",") if m]
-        metrics = run.data.metrics
-        rows.append({"name": run.info.run_name or run.info.run_id[:8], "run_id": run.info.run_id,
-                     "strategy": run.data.params.get("strategy", "?"), "members": members,
-                     "member_val": [metrics.get(f"member_{i}_val_accuracy", math.nan) for i in range(len(members))],
-                     "member_test": [metrics.get(f"member_{i}_test_accuracy", math.nan) for i in range(len(members))],
-                     **{k: metrics.get(k, math.nan) for k in ("val_accuracy", "test_accuracy",
-                                                              "test_gain_over_best_member")}})
-    return rows
-
-
-def acc(value: float) -> str:
-    return "" if math.isnan(value) else f"{value:.4f}"
-
-
-def fmt(value) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.3g}"
-    return str(value)
-
-
-def summary(trials: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = [h for _, h in SUMMARY]
-    rows = [[acc(r[c]) if c.endswith("accuracy") else fmt(r.get(c, "")) for c, _ in SUMMARY] for r in trials]
-    return header, rows
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(x) for x in column) for column in zip(header, *rows)]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows])
-
-
-def ensemble_table(ensembles: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["ensemble", "strategy", "members", "val_acc", "test_acc", "test gain over best member"]
-    rows = [[e["name"], e["strategy"], str(len(e["members"])), acc(e["val_accuracy"]), acc(e["test_accuracy"]),
-             "" if math.isnan(e["test_gain_over_best_member"]) else f"{e['test_gain_over_best_member']:+.4f}"]
-            for e in ensembles]
-    return header, rows
-
-
-def complete(trials: list[dict]) -> list[dict]:
-    """The trials whose accuracies compare: finished, neither pruned nor failed."""
-    return [r for r in trials if r["state"] == "COMPLETE" and not math.isnan(r["val_accuracy"])]
-
-
-def groups(trials: list[dict], switch: str) -> dict[str, dict[str, list[float]]]:
-    """Accuracies of the trials with the switch off and on (both shown, even when one is empty)."""
-    out: dict[str, dict[str, list[float]]] = {"off": {"val": [], "test": []}, "on": {"val": [], "test": []}}
-    for r in trials:
-        group = out[fmt(bool(r.get(switch)))]
-        group["val"].append(r["val_accuracy"])
-        group["test"].append(r["test_accuracy"])
-    return out
-
-
-def group_table(grouped: dict[str, dict[str, list[float]]]) -> str:
-    def mean(values: list[float]) -> str:
-        finite = [v for v in values if not math.isnan(v)]
-        return acc(sum(finite) / len(finite)) if finite else ""
-
-    rows = [[g, str(len(s["val"])), mean(s["val"]), acc(max(s["val"], default=math.nan)), mean(s["test"])]
-            for g, s in grouped.items()]
-    return markdown_table(["setting", "trials", "mean val_acc", "best val_acc", "mean test_acc"], rows)
-
-
-def varied(trials: list[dict]) -> dict[str, list]:
-    """The hyperparameters that took more than one value among the trials, with each trial's value."""
-    columns = {p: [r.get(p) for r in trials] for p in HYPERPARAMETERS}
-    return {p: values for p, values in columns.items() if len({str(v) for v in values}) > 1}
-
-
-def figures(trials: list[dict], ensembles: list[dict]) -> dict[str, object]:
-    """The report's plots, keyed by artifact path; a plot with nothing to show is left out."""
-    from emnist_exp import plots  # noqa: PLC0415
-
-    done = complete(trials)
-    out: dict[str, object] = {}
-    columns = varied(done)
-    if columns:
-        out[f"{FOLDER}/hyperparameters.png"] = plots.accuracy_by_param(
-            columns, [r["val_accuracy"] for r in done], [r["test_accuracy"] for r in done])
-    for switch, (title, name) in SWITCHES.items():
-        if done:
-            out[f"{FOLDER}/{name}"] = plots.on_off(groups(done, switch), f"{title}: off against on")
-    if ensembles:
-        latest = ensembles[0]
-        names = {r["run_id"]: r["name"].split(" ")[0] for r in trials}
-        labels = [names.get(m, m[:8]) for m in latest["members"]] + [f"ensemble ({latest['strategy']})"]
-        out[f"{FOLDER}/ensemble_vs_members.png"] = plots.ensemble_vs_members(
-            labels, latest["member_val"] + [latest["val_accuracy"]],
-            latest["member_test"] + [latest["test_accuracy"]], f"{latest['name']} against its members")
-    return out
-
-
-def markdown(study: str, trials: list[dict], ensembles: list[dict], plots: list[str], parents: int) -> str:
-    """The report: where it comes from, the trials, the ensembles, the on/off comparisons, the plots."""
-    states = {s: sum(r["state"] == s for r in trials) for s in sorted({r["state"] for r in trials})}
-    done = complete(trials)
-    parts = [
-        f"# Study `{study}`",
-        f"Written by `python -m emnist_exp.report --study {study}` on {time.strftime('%Y-%m-%d %H:%M')}, from "
-        f"{len(trials)} trial runs ({', '.join(f'{n} {s.lower()}' for s, n in states.items())}), "
-        f"{len(ensembles)} ensemble run(s) and {parents} worker (parent) run(s). Trials are selected on "
-        "validation accuracy; test accuracy is reported, never optimised.",
-        "## Trials", markdown_table(*summary(trials)),
-        "## Ensembles", markdown_table(*ensemble_table(ensembles)) if ensembles else
-        "No ensemble yet: `python -m emnist_exp.ensemble --study " + study + "` votes the best trials into one.",
-    ]
-    for switch, (title, name) in SWITCHES.items():
-        if done:
-            parts += [f"## {title.capitalize()}: off against on (complete trials)", group_table(groups(done, switch))]
-        if name in plots:
-            parts.append(f"![{title}]({name})")
-    if "hyperparameters.png" in plots:
-        parts += ["## Accuracy against each hyperparameter", "Only the hyperparameters that varied; dots are "
-                  "trials (circles validation, squares test).", "![hyperparameters](hyperparameters.png)"]
-    if "ensemble_vs_members.png" in plots:
-        parts += ["## The latest ensemble against its members", "![ensemble](ensemble_vs_members.png)"]
-    return "\n\n".join(parts) + "\n"
 
 
 @cli_main
@@ -198,25 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     from emnist_exp import console  # noqa: PLC0415
 
     console.quiet()
-    from emnist_exp import tracking  # noqa: PLC0415
+    from emnist_exp import reporting  # noqa: PLC0415
 
-    study = args.study or tracking.latest_study()
-    if study is None:
-        raise UserError("the tracking store has no study yet: run `python -m emnist_exp.train` first.")
-    parents = tracking.study_runs(study, "study")
-    trials = trial_rows(tracking.study_runs(study, "trial"))
-    if not parents or not trials:
-        raise UserError(f"study {study!r} has no {'parent run' if not parents else 'trial runs'} in this "
-                        "tracking store: check --study, or MLFLOW_TRACKING_URI.")
-    ensembles = ensemble_rows(tracking.study_runs(study, "ensemble"))
-    figs = figures(trials, ensembles)
-    text = markdown(study, trials, ensembles, [p.split("/")[-1] for p in figs], len(parents))
-    uri = tracking.log_to_run(parents[0].info.run_id, {f"{FOLDER}/report.md": text}, figs)
-    print(text_table(*summary(trials)))
-    if ensembles:
+    report = reporting.write_report(args.study)
+    print(text_table(*reporting.summary(report.trials)))
+    if report.ensembles:
         print()
-        print(text_table(*ensemble_table(ensembles)))
-    print(f"\nreport: {uri}/{FOLDER}/report.md ({len(figs)} plots) in run {parents[0].info.run_id}")
+        print(text_table(*reporting.ensemble_table(report.ensembles)))
+    print(f"\nreport: {report.uri}/{reporting.FOLDER}/report.md ({report.figures} plots) in run {report.run_id}")
     return 0
 
 

@@ -27,10 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     from emnist_exp import console  # noqa: PLC0415
 
     console.quiet()
-    from emnist_exp import storage, tracking  # noqa: PLC0415
+    from emnist_exp import storage  # noqa: PLC0415
+    from emnist_exp.tracking import store  # noqa: PLC0415
     from emnist_exp.config import Config  # noqa: PLC0415
 
-    uri = tracking.prepare_local_store(repair=args.repair)
+    uri = store.prepare_local_store(repair=args.repair)
     defaults = Config()
     storage.open_storage(args.storage, heartbeat_interval=defaults.heartbeat_interval,
                          grace_period=defaults.grace_period)

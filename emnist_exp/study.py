@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import optuna
 
-from emnist_exp import signals, storage as storages, tracking
+from emnist_exp import signals, storage as storages
+from emnist_exp.tracking import runs
 from emnist_exp.config import Config
 
 MAX_RETRY = 3  # a trial whose worker died runs again at most this often
@@ -41,7 +42,7 @@ class RetryStaleTrial:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.retry(study, trial)
         try:
-            ended = tracking.end_stale_trial_run(study.study_name, trial.number, trial.user_attrs.get("mlflow_run_id"))
+            ended = runs.end_stale_trial_run(study.study_name, trial.number, trial.user_attrs.get("mlflow_run_id"))
         except Exception as exc:  # noqa: BLE001 (the study goes on even if the tracking server is away)
             ended, note = [], f"; its MLflow run could not be ended ({type(exc).__name__}: {exc})"
         else:

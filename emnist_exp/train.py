@@ -70,7 +70,8 @@ def run(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     console.quiet(verbose=bool(args.pop("verbose")))
     cfg = resolve(args)
-    from emnist_exp import data, storage, study as studies, tracking  # noqa: PLC0415
+    from emnist_exp import data, storage, study as studies  # noqa: PLC0415
+    from emnist_exp.tracking import experiments, results, runs  # noqa: PLC0415
     from emnist_exp.objective import Objective  # noqa: PLC0415
 
     console.quiet_libraries()
@@ -86,7 +87,7 @@ def run(argv: list[str] | None = None) -> int:
     logged = {**cfg.to_dict(), "storage": storage.redact(cfg.storage)}  # never a password in the run
     url = cfg.storage or storage.DEFAULT_STORAGE
     objective = Objective(cfg, splits, on_start=cap.claimed if cap else None)
-    with tracking.study_run(logged, storage=storage.redact(url), sampler=str(study.sampler)) as run:
+    with runs.study_run(logged, storage=storage.redact(url), sampler=str(study.sampler)) as run:
         try:
             if cap is None or cap.has_room(study):  # holds the study's lock until the first trial is claimed
                 study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout or None, callbacks=callbacks,
@@ -97,17 +98,17 @@ def run(argv: list[str] | None = None) -> int:
         finally:
             if cap:
                 cap.lock.release()  # still held if this worker stopped (timeout, error) before claiming a trial
-        tracking.log_study_summary(study)
-    print(f"runs: {tracking.experiment_url(run.info.experiment_id)} (`mlflow ui` for a local store)", file=sys.stderr)
+        results.log_study_summary(study)
+    print(f"runs: {experiments.experiment_url(run.info.experiment_id)} (`mlflow ui` for a local store)", file=sys.stderr)
     return 0
 
 
 def summary_after_error(study) -> None:
     """The study's summary, if it can still be logged; a failure here must not hide the error that stopped the study."""
-    from emnist_exp import tracking  # noqa: PLC0415
+    from emnist_exp.tracking import results  # noqa: PLC0415
 
     try:
-        tracking.log_study_summary(study)
+        results.log_study_summary(study)
     except Exception as exc:  # noqa: BLE001 (e.g. the same unwritable artifact store)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"note: the study summary was not logged ({type(exc).__name__}: {first})", file=sys.stderr)

@@ -59,7 +59,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_study(workdir) -> dict:
     """A real 3-trial study (synthetic, 2 epochs) through the train entry point, and its ensemble."""
-    from emnist_exp import ensemble, train
+    from emnist_exp import train
 
     args = ["--dataset", "synthetic:1500", "--study", "tiny", "--n_trials", "3", "--epochs", "2", "--patience", "2",
             "--seed", "7", "--pruner", "none"]
@@ -82,7 +82,8 @@ def sample_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_ensemble(tiny_study) -> str:
     """The tiny study's 3 trials voted (soft) into `emnist-ensemble`; returns the registered version."""
-    from emnist_exp import ensemble, tracking
+    from emnist_exp import ensemble
+    from emnist_exp.tracking import models
 
     assert ensemble.main(["--top", "3", "--study", tiny_study["study"]]) == 0
-    return tracking.latest_version(tracking.ENSEMBLE_MODEL)
+    return models.latest_version(models.ENSEMBLE_MODEL)

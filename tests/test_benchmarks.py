@@ -104,11 +104,12 @@ def test_strategies_benchmark_cross_fits_on_validation(tiny_study):
     rows = {name: (float(val), float(test)) for name, val, test in found}
     assert set(rows) == {"best member", "soft", "hard", "weighted", "greedy", "oracle (any member)"}, out
     # Test columns recomputed here from the members' logged predictions.
-    from emnist_exp import tracking, voting
+    from emnist_exp import voting
+    from emnist_exp.tracking import queries, results
 
-    runs = tracking.finished_trials(study=tiny_study["study"])  # 3, or more when test_train added one
+    runs = queries.finished_trials(study=tiny_study["study"])  # 3, or more when test_train added one
     assert f"{len(runs)} finished trials" in out and "2-fold cross-fitted" in out
-    preds = [tracking.load_predictions(r.info.run_id) for r in runs[:3]]
+    preds = [results.load_predictions(r.info.run_id) for r in runs[:3]]
     (val, val_labels), (test, labels) = voting.stack(preds, "val"), voting.stack(preds, "test")
     best = int(np.argmax([voting.accuracy(p, val_labels) for p in val]))
     oracle = (test.argmax(axis=2) == labels).any(axis=0).mean()
@@ -147,9 +148,9 @@ def test_members_benchmark_smoke(workdir, tmp_path):
 
 def test_own_images_benchmark_smoke(tiny_study, sample_dir):
     """Every condition and the lines, on a few sample test images, with a tiny study's trial model."""
-    from emnist_exp import tracking
+    from emnist_exp.tracking import queries
 
-    run = tracking.finished_trials(study=tiny_study["study"])[0]
+    run = queries.finished_trials(study=tiny_study["study"])[0]
     out = run_script("own_images.py", "--smoke", "--model", f"runs:/{run.info.run_id}/model",
                      "--sample", str(sample_dir))
     rows = re.findall(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+) points$", out, flags=re.M)
@@ -165,9 +166,9 @@ def test_own_images_benchmark_smoke(tiny_study, sample_dir):
 
 def test_own_images_ceiling_smoke(tiny_study, sample_dir):
     """The view-averaging and fine-tune probes run on a few images and print one row each, with real numbers."""
-    from emnist_exp import tracking
+    from emnist_exp.tracking import queries
 
-    run = tracking.finished_trials(study=tiny_study["study"])[0]
+    run = queries.finished_trials(study=tiny_study["study"])[0]
     out = run_script("own_images_ceiling.py", "--smoke", "--model", f"runs:/{run.info.run_id}/model",
                      "--sample", str(sample_dir))
     rows = re.findall(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+)\s+([+-][\d.]+)\s+(\d+) of 12\s+([+-][\d.]+) (.+)$",

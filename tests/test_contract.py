@@ -97,20 +97,21 @@ def test_models_the_project_did_not_log_get_one_sentence(saved, tmp_path):
 @pytest.mark.slow
 def test_letters_style_names_survive_train_ensemble_evaluate_predict(workdir, tmp_path, capsys):
     """Names of several characters and labels from 1 (emnist-letters' mapping) through every command."""
-    from emnist_exp import ensemble, evaluate, predict, tracking, train
+    from emnist_exp import ensemble, evaluate, predict, train
+    from emnist_exp.tracking import models, queries
 
     folder = letters_folder(tmp_path / "letters")
     dataset = f"idx:{folder}"
     assert train.main(["--dataset", dataset, "--study", "letters", "--n_trials", "2", "--epochs", "2",
                        "--patience", "2", "--seed", "5", "--pruner", "none", "--space", "kaggle"]) == 0
     classes = ("unused_0", *LETTERS)  # the builder names the label the mapping skips
-    trial = tracking.finished_trials(study="letters")[0]
-    trial_model = serving.load_model(tracking.model_uri(trial.info.run_id))
+    trial = queries.finished_trials(study="letters")[0]
+    trial_model = serving.load_model(models.model_uri(trial.info.run_id))
     assert trial_model.classes == classes
 
     assert ensemble.main(["--study", "letters", "--top", "2", "--no-register"]) == 0
     assert ensemble.main(["--study", "letters", "--top", "2", "--no-register", "--reinfer"]) == 0
-    reinferred, logged = tracking.study_runs("letters", "ensemble")[:2]
+    reinferred, logged = queries.study_runs("letters", "ensemble")[:2]
     # --reinfer scores the members through the contract; float16 like the logged predictions: the same vote
     assert reinferred.data.metrics["val_accuracy"] == logged.data.metrics["val_accuracy"]
     assert reinferred.data.metrics["test_accuracy"] == logged.data.metrics["test_accuracy"]
@@ -118,7 +119,7 @@ def test_letters_style_names_survive_train_ensemble_evaluate_predict(workdir, tm
     assert serving.load_model(uri).classes == classes
     capsys.readouterr()
 
-    for model_uri, run in ((uri, logged), (tracking.model_uri(trial.info.run_id), trial)):
+    for model_uri, run in ((uri, logged), (models.model_uri(trial.info.run_id), trial)):
         assert evaluate.main(["--model", model_uri, "--dataset", dataset, "--split", "test"]) == 0
         last = capsys.readouterr().out.splitlines()[-1]
         assert last == f"accuracy {run.data.metrics['test_accuracy']:.4f}", (model_uri, last)

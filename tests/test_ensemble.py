@@ -6,7 +6,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from emnist_exp import data, ensemble, evaluate, tracking, voting
+from emnist_exp import data, ensemble, evaluate, voting
+from emnist_exp.tracking import queries, results
 from emnist_exp.errors import UserError
 
 
@@ -83,7 +84,7 @@ def members_of(run) -> list[str]:
 
 
 def stacked(run_ids, split):
-    preds = [tracking.load_predictions(r) for r in run_ids]
+    preds = [results.load_predictions(r) for r in run_ids]
     return np.stack([p[f"{split}_probs"] for p in preds]).astype(np.float64), preds[0][f"{split}_labels"]
 
 
@@ -114,7 +115,7 @@ def test_each_strategy_on_a_real_study_matches_numpy(tiny_study, strategy, capsy
     assert run.data.metrics["test_accuracy"] == pytest.approx(np.mean(expected == test_labels))
     assert run.data.params["strategy"] == strategy
     for i, rid in enumerate(ids):
-        member = tracking.load_predictions(rid)
+        member = results.load_predictions(rid)
         assert run.data.metrics[f"member_{i}_val_accuracy"] == pytest.approx(
             np.mean(member["val_probs"].argmax(1) == member["val_labels"]))
     out = capsys.readouterr().out
@@ -176,7 +177,7 @@ def test_members_from_different_datasets_are_refused(tiny_study, workdir):
     from emnist_exp import train
 
     assert train.main(["--dataset", "synthetic:600", "--study", "other", "--n_trials", "1", "--epochs", "1"]) == 0
-    mixed = [tracking.finished_trials(study="tiny")[0].info.run_id, tracking.finished_trials(study="other")[0].info.run_id]
+    mixed = [queries.finished_trials(study="tiny")[0].info.run_id, queries.finished_trials(study="other")[0].info.run_id]
     with pytest.raises(UserError, match="different datasets"):
         ensemble.main.__wrapped__(["--runs", ",".join(mixed)])
     assert ensemble.main(["--runs", ",".join(mixed)]) == 2

@@ -9,7 +9,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from emnist_exp import data, ensemble, tracking, voting
+from emnist_exp import data, ensemble, voting
+from emnist_exp.tracking import models, queries
 
 pytestmark = pytest.mark.slow  # the tiny study and its ensembles
 
@@ -22,8 +23,8 @@ def images_and_classes(dataset: str) -> tuple[np.ndarray, tuple[str, ...]]:
 
 
 def graph_and_pyfunc(run_id: str):
-    folder = tracking.download_graph(run_id)
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/{tracking.MODEL_NAME}").unwrap_python_model()
+    folder = models.download_graph(run_id)
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/{models.MODEL_NAME}").unwrap_python_model()
     return folder, pyfunc
 
 
@@ -42,7 +43,7 @@ def assert_same_scores(scores: np.ndarray, pyfunc, images: np.ndarray) -> None:
 def test_the_exported_graph_matches_the_pyfunc_to_float16(tiny_ensemble, tiny_study):
     import tensorflow as tf
 
-    run = tracking.study_runs(tiny_study["study"], "ensemble")[-1]  # the fixture's, the first logged
+    run = queries.study_runs(tiny_study["study"], "ensemble")[-1]  # the fixture's, the first logged
     folder, pyfunc = graph_and_pyfunc(run.info.run_id)
     images, classes = images_and_classes(tiny_study["dataset"])
     graph = keras.saving.load_model(folder / "ensemble.keras")
@@ -57,7 +58,7 @@ def test_the_exported_graph_matches_the_pyfunc_to_float16(tiny_ensemble, tiny_st
 def test_a_weighted_vote_exports_its_weights(tiny_study):
     assert ensemble.main(["--top", "3", "--study", tiny_study["study"], "--strategy", "weighted",
                           "--no-register"]) == 0
-    run = tracking.study_runs(tiny_study["study"], "ensemble")[0]
+    run = queries.study_runs(tiny_study["study"], "ensemble")[0]
     assert run.data.params["strategy"] == "weighted"
     folder, pyfunc = graph_and_pyfunc(run.info.run_id)
     images, _ = images_and_classes(tiny_study["dataset"])
@@ -69,6 +70,6 @@ def test_a_weighted_vote_exports_its_weights(tiny_study):
 
 def test_a_hard_vote_logs_no_graph(tiny_study):
     assert ensemble.main(["--top", "3", "--study", tiny_study["study"], "--strategy", "hard", "--no-register"]) == 0
-    run = tracking.study_runs(tiny_study["study"], "ensemble")[0]
+    run = queries.study_runs(tiny_study["study"], "ensemble")[0]
     assert run.data.params["strategy"] == "hard"
-    assert tracking.GRAPH not in {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert models.GRAPH not in {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)}

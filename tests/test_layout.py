@@ -10,7 +10,7 @@ BENCHMARKS = PACKAGE.parent / "benchmarks"
 
 ENTRY_POINTS = {"train", "ensemble", "evaluate", "predict", "report", "stores"}
 SERVICES = {"tracking", "study", "objective", "storage", "serving", "search", "config", "console", "members",
-            "ensemble_model"}  # ensemble_model: the file MLflow runs to make the ensemble pyfunc (serving's)
+            "assembly", "reporting", "ensemble_model"}  # ensemble_model: the file MLflow runs to make the ensemble pyfunc (serving's)
 # Everything else is core, a module added later included: it has to earn a place above.
 CORE_FORBIDDEN = {"optuna", "mlflow", "optuna_integration"}
 
@@ -75,8 +75,52 @@ def violations(edges: dict[str, set[str]]) -> list[str]:
 
 def test_imports_flow_from_entry_points_to_services_to_core():
     edges = graph()
-    assert {"emnist_exp.spec", "emnist_exp.model", "emnist_exp.tracking", "emnist_exp.builders.idx"} <= set(edges)
+    assert {"emnist_exp.spec", "emnist_exp.model", "emnist_exp.tracking.runs", "emnist_exp.builders.idx"} <= set(edges)
     assert violations(edges) == []
+
+
+TRACKING = PACKAGE / "tracking"
+TRACKING_MAX_LINES = 300  # a room past this is collecting a second noun
+
+
+def tracking_rooms() -> dict[str, set[str]]:
+    """Each room of the tracking package, with the other rooms of the package it imports."""
+    return {p.stem: {n.split(".")[2] for n in imported(p) if n.startswith("emnist_exp.tracking.")} - {p.stem}
+            for p in sorted(TRACKING.glob("*.py")) if p.stem != "__init__"}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[str]:
+    """The rooms that can reach themselves through imports (depth-first, one report per room)."""
+    found = []
+    for start in edges:
+        seen, stack = set(), list(edges[start])
+        while stack:
+            room_ = stack.pop()
+            if room_ == start:
+                found.append(start)
+                break
+            if room_ not in seen:
+                seen.add(room_)
+                stack.extend(edges.get(room_, ()))
+    return found
+
+
+def test_tracking_is_a_package_of_small_rooms_without_cycles():
+    """MLflow code lives in emnist_exp/tracking/, one noun per room: callers import the room they need, and the
+    package's own __init__ holds no code for them to reach through."""
+    assert not (PACKAGE / "tracking.py").exists()
+    rooms = tracking_rooms()
+    assert {"store", "experiments", "runs", "datasets", "models", "queries"} <= set(rooms)
+    assert cycles(rooms) == []
+    init = ast.parse((TRACKING / "__init__.py").read_text())
+    assert all(isinstance(node, ast.Expr) for node in init.body), "tracking/__init__.py holds only its docstring"
+    sizes = {p.name: len(p.read_text().splitlines()) for p in TRACKING.glob("*.py")}
+    assert max(sizes.values()) <= TRACKING_MAX_LINES, sizes
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycles({"runs": {"models"}, "models": {"runs"}, "tags": set()}) == ["runs", "models"]
+    assert cycles({"runs": {"tags"}, "tags": set()}) == []
 
 
 def test_benchmarks_import_no_entry_point():

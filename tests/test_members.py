@@ -7,7 +7,8 @@ import numpy as np
 import optuna
 import pytest
 
-from emnist_exp import data, model, tracking
+from emnist_exp import data, model
+from emnist_exp.tracking import models, runs
 from emnist_exp.search import SPACES, TUNED_WIDTHS, WIDTHS, spec_from_params, suggest_spec
 from emnist_exp.spec import TrialSpec
 
@@ -30,12 +31,12 @@ def test_each_architecture_trains_a_step_and_round_trips_through_mlflow(arch, ba
     loss = net.train_on_batch(images, onehot, return_dict=True)["loss"]
     assert np.isfinite(loss)
     assert any(not np.array_equal(a, b) for a, b in zip(before, net.get_weights()))
-    with tracking.trial_run("members", 0, spec, seed=0, extra_params={}) as run:
-        tracking.log_keras_model(net, classes, images[:4])
+    with runs.trial_run("members", 0, spec, seed=0, extra_params={}) as run:
+        models.log_keras_model(net, classes, images[:4])
     logged = mlflow.get_run(run.info.run_id)
     assert logged.info.run_name == f"trial-000 {arch}-16 aug=off bn=on drop=0.40"
     assert logged.data.tags["arch"] == arch and logged.data.params["arch"] == arch
-    back = tracking.load_keras_model(run.info.run_id)
+    back = models.load_keras_model(run.info.run_id)
     assert back.count_params() == net.count_params()
     np.testing.assert_allclose(back.predict(images, verbose=0), net.predict(images, verbose=0), rtol=1e-5, atol=1e-6)
 

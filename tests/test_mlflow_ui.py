@@ -17,12 +17,12 @@ import warnings
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from emnist_exp import data, tracking
+from emnist_exp import data
+from emnist_exp.tracking import experiments, queries, tags
 from emnist_exp.classes import BYMERGE_CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,23 +62,23 @@ def test_mlflow_run_puts_the_study_in_its_own_experiment_for_the_model_training_
     client = MlflowClient()
     experiment = client.get_experiment_by_name(STUDY)
     assert experiment is not None
-    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    runs = [*tracking.study_runs(STUDY, "study"), *tracking.study_runs(STUDY, "trial"),
-            *tracking.study_runs(STUDY, "ensemble")]
+    assert experiment.tags[experiments.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    runs = [*queries.study_runs(STUDY, "study"), *queries.study_runs(STUDY, "trial"),
+            *queries.study_runs(STUDY, "ensemble")]
     assert len(runs) == 1 + 2 + 1
     assert {r.info.experiment_id for r in runs} == {experiment.experiment_id}
-    parent = tracking.study_runs(STUDY, "study")[0]
+    parent = queries.study_runs(STUDY, "study")[0]
     assert parent.info.run_name == f"study-{STUDY}"
-    assert parent.data.tags[tracking.WORKER_TAG].startswith(f"{socket.gethostname()} seed 0 pid ")
+    assert parent.data.tags[tags.WORKER_TAG].startswith(f"{socket.gethostname()} seed 0 pid ")
     assert parent.data.tags["mlflow.project.entryPoint"] == "train"  # `mlflow run`'s tags came along
     assert parent.data.params["preset"] == "quick" and parent.data.params["config.epochs"] == "1"
     # `mlflow run`'s own run in Default handed over to the parent; the ensemble's start deleted it.
-    default = client.search_runs([tracking.DEFAULT_EXPERIMENT_ID], run_view_type=mlflow.entities.ViewType.ALL)
-    replaced = [r for r in default if r.data.tags.get(tracking.MOVED_TAG) == parent.info.run_id]
+    default = client.search_runs([experiments.DEFAULT_EXPERIMENT_ID], run_view_type=mlflow.entities.ViewType.ALL)
+    replaced = [r for r in default if r.data.tags.get(tags.MOVED_TAG) == parent.info.run_id]
     assert len(replaced) == 1 and replaced[0].info.lifecycle_stage == "deleted"
     assert replaced[0].info.status == "FINISHED"
-    assert replaced[0].info.end_time > int(replaced[0].data.tags[tracking.HANDED_OVER_TAG])  # `mlflow run` ended it
-    assert client.search_runs([tracking.DEFAULT_EXPERIMENT_ID], f"tags.`{tracking.MOVED_TAG}` LIKE '%'") == []
+    assert replaced[0].info.end_time > int(replaced[0].data.tags[tags.HANDED_OVER_TAG])  # `mlflow run` ended it
+    assert client.search_runs([experiments.DEFAULT_EXPERIMENT_ID], f"tags.`{tags.MOVED_TAG}` LIKE '%'") == []
 
 
 def test_every_trial_run_has_its_three_splits_as_dataset_inputs(demo):
@@ -86,7 +86,7 @@ def test_every_trial_run_has_its_three_splits_as_dataset_inputs(demo):
     expected = {r.context: r for r in data.split_records(splits)}
     assert set(expected) == {"training", "validation", "test"}
     assert len({r.digest for r in expected.values()}) == 3
-    for trial in tracking.study_runs(STUDY, "trial"):
+    for trial in queries.study_runs(STUDY, "trial"):
         inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
                   for i in trial.inputs.dataset_inputs}
         assert set(inputs) == set(expected)
@@ -101,7 +101,7 @@ def test_every_trial_run_has_its_three_splits_as_dataset_inputs(demo):
 
 def test_trial_models_are_logged_models_ranked_by_validation_accuracy(demo):
     experiment = MlflowClient().get_experiment_by_name(STUDY).experiment_id
-    trials = {r.info.run_id: r for r in tracking.study_runs(STUDY, "trial")}
+    trials = {r.info.run_id: r for r in queries.study_runs(STUDY, "trial")}
     models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list",
                                          filter_string="name = 'model'",
                                          order_by=[{"field_name": "metrics.val_accuracy", "ascending": False}])
@@ -121,7 +121,7 @@ def test_trial_models_are_logged_models_ranked_by_validation_accuracy(demo):
 
 
 def test_the_ensemble_is_a_logged_model_that_loads_without_warnings_and_answers_top_k(demo):
-    ensemble = tracking.study_runs(STUDY, "ensemble")[0]
+    ensemble = queries.study_runs(STUDY, "ensemble")[0]
     models = mlflow.search_logged_models(filter_string=f"source_run_id = '{ensemble.info.run_id}'",
                                          experiment_ids=[ensemble.info.experiment_id], output_format="list")
     assert len(models) == 1
@@ -165,12 +165,12 @@ def test_a_named_experiment_is_kept(workdir):
                            "--pruner", "none"]) == 0
     finally:
         del os.environ["MLFLOW_EXPERIMENT_NAME"]
-        mlflow.set_experiment(experiment_id=tracking.DEFAULT_EXPERIMENT_ID)
+        mlflow.set_experiment(experiment_id=experiments.DEFAULT_EXPERIMENT_ID)
     mine = MlflowClient().get_experiment_by_name("mine")
-    runs = [*tracking.study_runs("named", "study"), *tracking.study_runs("named", "trial")]
+    runs = [*queries.study_runs("named", "study"), *queries.study_runs("named", "trial")]
     assert len(runs) == 2 and {r.info.experiment_id for r in runs} == {mine.experiment_id}
     assert MlflowClient().get_experiment_by_name("named") is None
-    assert mine.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert mine.tags[experiments.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 def free_port() -> int:
@@ -241,10 +241,10 @@ def test_two_studies_in_one_process_each_get_their_experiment(tmp_path):
     """mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; a second study must not take it for the user's choice."""
     script = """
 import os, sys, mlflow
-from emnist_exp import tracking
+from emnist_exp.tracking import experiments, launcher, queries, tags
 mlflow.set_tracking_uri(sys.argv[1])
 for name in ("first", "second"):
-    with tracking.start_entry_run(run_name="study-" + name, tags={}, experiment=name) as run:
+    with launcher.start_entry_run(run_name="study-" + name, tags={}, experiment=name) as run:
         print(name, mlflow.get_experiment(run.info.experiment_id).name, os.environ.get("MLFLOW_EXPERIMENT_ID"))
 """
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",

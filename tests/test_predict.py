@@ -188,9 +188,10 @@ def test_predict_prints_each_good_file_and_one_error_line_per_bad_one(tiny_ensem
 def test_predict_with_a_trial_keras_model(tiny_ensemble, tmp_path, capsys):
     import mlflow
 
-    from emnist_exp import predict, tracking
+    from emnist_exp import predict
+    from emnist_exp.tracking import queries
 
-    run = tracking.finished_trials(study="tiny")[0]
+    run = queries.finished_trials(study="tiny")[0]
     uri = f"runs:/{run.info.run_id}/model"
     good = good_files(tmp_path)
     assert predict.main([*good, "--model", uri]) == 0

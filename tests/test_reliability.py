@@ -404,10 +404,11 @@ def test_an_artifact_store_that_becomes_unwritable_is_one_sentence(tmp_path, tfd
 def test_ensemble_refuses_unknown_runs_experiments_and_non_trial_runs(tiny_ensemble, capfd):
     import mlflow
 
-    from emnist_exp import ensemble, tracking
+    from emnist_exp import ensemble
+    from emnist_exp.tracking import queries
 
-    study_run = tracking.study_runs("tiny", "study")[0].info.run_id
-    ensemble_run = tracking.study_runs("tiny", "ensemble")[0].info.run_id
+    study_run = queries.study_runs("tiny", "study")[0].info.run_id
+    ensemble_run = queries.study_runs("tiny", "ensemble")[0].info.run_id
     capfd.readouterr()
     cases = [(["--runs", "deadbeef"], "there is no run deadbeef"),
              (["--experiment", "nosuch"], "there is no experiment 'nosuch'"),
@@ -459,14 +460,15 @@ def test_predict_on_a_float_tiff_with_nan_or_inf_is_one_sentence(tmp_path, capfd
 @pytest.mark.slow  # trains a study in real processes
 def test_workers_with_adjacent_seeds_never_share_a_keras_seed(workdir, capfd):
     """Worker seed 1 runs trial 0, then worker seed 0 runs trial 1: seed + number gave both seed 1."""
-    from emnist_exp import tracking, train
+    from emnist_exp import train
+    from emnist_exp.tracking import queries
 
     study = f"seeds-{uuid.uuid4().hex[:6]}"
     base = ["--dataset", "synthetic:300", "--study", study, "--n_trials", "1", "--epochs", "1", "--space", "kaggle",
             "--pruner", "none"]
     assert train.main([*base, "--seed", "1"]) == 0
     assert train.main([*base, "--seed", "0"]) == 0
-    seeds = {r.data.tags["optuna.trial_number"]: r.data.params["seed"] for r in tracking.study_runs(study, "trial")}
+    seeds = {r.data.tags["optuna.trial_number"]: r.data.params["seed"] for r in queries.study_runs(study, "trial")}
     assert set(seeds) == {"0", "1"} and seeds["0"] != seeds["1"], seeds
 
 

@@ -18,16 +18,17 @@ def report(tiny_ensemble, tmp_path_factory) -> dict:
     """Run the report once on the tiny study; hand back what it printed and what it logged."""
     import mlflow
 
-    from emnist_exp import report as entry, tracking
+    from emnist_exp import report as entry
+    from emnist_exp.tracking import queries
 
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):  # capsys is per test; this fixture is per module
         code = entry.main(["--study", "tiny"])
-    parent = tracking.study_runs("tiny", "study")[0]
+    parent = queries.study_runs("tiny", "study")[0]
     folder = tmp_path_factory.mktemp("report")
     local = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="report", dst_path=str(folder))
     return {"code": code, "stdout": stdout.getvalue(), "folder": Path(local),
-            "trials": tracking.study_runs("tiny", "trial"), "ensembles": tracking.study_runs("tiny", "ensemble")}
+            "trials": queries.study_runs("tiny", "trial"), "ensembles": queries.study_runs("tiny", "ensemble")}
 
 
 def test_report_and_plots_are_logged_to_the_parent_run(report):
@@ -81,3 +82,23 @@ def test_unknown_study_is_one_sentence(tiny_study, capsys):
     assert entry.main(["--study", "no-such-study"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no-such-study" in err and len(err.splitlines()) == 1
+
+
+def test_reporting_builds_the_tables_and_markdown_without_a_store():
+    """The report's rows, tables and markdown are plain functions of the rows: a test calls them directly."""
+    from emnist_exp import reporting
+
+    trials = [{"trial": 0, "state": "COMPLETE", "arch": "cnn", "augment": False, "batch_norm": True, "dropout": 0.4,
+               "val_accuracy": 0.81, "test_accuracy": 0.80},
+              {"trial": 1, "state": "COMPLETE", "arch": "vgg5", "augment": True, "batch_norm": True, "dropout": 0.2,
+               "val_accuracy": 0.85, "test_accuracy": 0.84},
+              {"trial": 2, "state": "FAIL", "arch": "cnn", "augment": False, "batch_norm": False, "dropout": 0.1,
+               "val_accuracy": float("nan"), "test_accuracy": float("nan")}]
+    header, rows = reporting.summary(trials)
+    assert header[0] == "trial" and len(rows) == 3 and rows[1][header.index("val_acc")] == "0.8500"
+    assert [r["trial"] for r in reporting.complete(trials)] == [0, 1]
+    assert set(reporting.varied(reporting.complete(trials))) == {"arch", "augment", "dropout"}
+    grouped = reporting.groups(reporting.complete(trials), "augment")
+    assert grouped["on"]["val"] == [0.85] and grouped["off"]["val"] == [0.81]
+    text = reporting.markdown("s", trials, [], [], parents=1)
+    assert "# Study `s`" in text and "2 complete, 1 fail" in text and "No ensemble yet" in text

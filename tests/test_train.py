@@ -13,7 +13,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from emnist_exp import data, serving, tracking
+from emnist_exp import data, serving
+from emnist_exp.tracking import models, queries, results, runs
 from emnist_exp.spec import TrialSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_runs_form_a_tree_with_params_and_per_epoch_metrics(tiny_study):
-    parents = tracking.study_runs("tiny", "study")
-    children = tracking.study_runs("tiny", "trial")
+    parents = queries.study_runs("tiny", "study")
+    children = queries.study_runs("tiny", "trial")
     assert len(parents) >= 1 and len(children) >= 3
     parent = min(parents, key=lambda r: r.info.start_time)
     mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
@@ -54,17 +55,17 @@ def test_runs_form_a_tree_with_params_and_per_epoch_metrics(tiny_study):
 @pytest.mark.slow
 def test_optuna_trials_and_mlflow_runs_point_at_each_other(tiny_study, workdir):
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir / 'optuna.db'}")
-    runs = {r.info.run_id: r for r in tracking.study_runs("tiny", "trial")}
+    by_id = {r.info.run_id: r for r in queries.study_runs("tiny", "trial")}
     for trial in study.trials[:3]:
-        run = runs[trial.user_attrs["mlflow_run_id"]]
+        run = by_id[trial.user_attrs["mlflow_run_id"]]
         assert int(run.data.tags["optuna.trial_number"]) == trial.number
         assert float(run.data.metrics["val_accuracy"]) == pytest.approx(trial.value)
 
 
 @pytest.mark.slow
 def test_logged_model_predicts_as_in_training_and_artifacts_are_compact(tiny_study):
-    run = tracking.finished_trials(study="tiny")[0]
-    preds = tracking.load_predictions(run.info.run_id)
+    run = queries.finished_trials(study="tiny")[0]
+    preds = results.load_predictions(run.info.run_id)
     splits = data.load_splits("synthetic:1500")
     n_val, n_test = splits.counts["val"], splits.counts["test"]
     assert preds["val_probs"].shape == (n_val, 47) and preds["val_probs"].dtype == np.float16
@@ -80,8 +81,8 @@ def test_logged_model_predicts_as_in_training_and_artifacts_are_compact(tiny_stu
     top_two = np.sort(live, axis=1)[:, -2:]
     clear = top_two[:, 1] - top_two[:, 0] > 1e-4
     np.testing.assert_array_equal(live.argmax(axis=1)[clear], preds["val_probs"].argmax(axis=1)[clear])
-    assert serving.load_model(tracking.model_uri(run.info.run_id)).classes == splits.classes
-    info = mlflow.models.get_model_info(tracking.model_uri(run.info.run_id))
+    assert serving.load_model(models.model_uri(run.info.run_id)).classes == splits.classes
+    info = mlflow.models.get_model_info(models.model_uri(run.info.run_id))
     assert info.metadata["classes"] == list(splits.classes)  # a list, not the names joined into one string
 
 
@@ -97,7 +98,7 @@ def test_rerunning_the_same_study_adds_trials(tiny_study, workdir):
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert len(study.trials) == before + 1
     assert study.trials[-1].number == before
-    assert len(tracking.study_runs("tiny", "study")) >= 2  # each worker invocation is its own parent run
+    assert len(queries.study_runs("tiny", "study")) >= 2  # each worker invocation is its own parent run
 
 
 def test_pruning_stops_a_bad_trial(workdir):
@@ -114,7 +115,7 @@ def test_pruning_stops_a_bad_trial(workdir):
             intermediate_values={step: value for step in range(5)}))
     cfg = Config(dataset="synthetic:600", study="pruning", epochs=5, patience=5, space="kaggle")
     splits = data.load_splits(cfg.dataset)
-    with tracking.study_run(cfg.to_dict(), storage="sqlite", sampler="test"):
+    with runs.study_run(cfg.to_dict(), storage="sqlite", sampler="test"):
         study.optimize(Objective(cfg, splits), n_trials=1)
     trial = study.trials[-1]
     assert trial.state == optuna.trial.TrialState.PRUNED
@@ -132,10 +133,10 @@ def test_mlflow_run_entry_point_end_to_end(workdir):
            "-P", "seed=3", "-P", f"storage=sqlite:///{workdir / 'optuna.db'}"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    parent = tracking.study_runs("mlrun", "study")[0]
+    parent = queries.study_runs("mlrun", "study")[0]
     assert parent.data.params["dataset"] == "synthetic:600"  # logged by `mlflow run` itself
     assert parent.data.params["config.seed"] == "3" and parent.data.params["config.epochs"] == "1"
     assert parent.data.tags.get("mlflow.project.entryPoint") == "train"
-    child = tracking.study_runs("mlrun", "trial")[0]
+    child = queries.study_runs("mlrun", "trial")[0]
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "[mlrun] trial 1 of 1" in out.stderr

@@ -1,0 +1,14 @@
+"""Everything that talks to MLflow, one noun per room.
+
+- tags: the tags that find the project's runs, and quoting for search filters;
+- store: the local SQLite store, prepared and repaired under a lock;
+- experiments: a study's experiment, the one the user chose, and its address in the UI;
+- launcher: `mlflow run`'s own run, kept, handed over or set back after the CLI exits;
+- runs: the study run, one nested run per trial, how each ends, per-epoch metrics;
+- datasets: the splits as MLflow dataset inputs;
+- results: what a finished trial or study leaves in its run (metrics, predictions, plots);
+- models: LoggedModels of trials and ensembles, the exported graph, the registry;
+- queries: reading the store back (latest study, finished trials, a study's runs).
+
+Callers import the room they need: `from emnist_exp.tracking import runs`.
+"""

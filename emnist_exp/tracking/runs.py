@@ -1,0 +1,148 @@
+"""The run lifecycle: the study's parent run, one nested run per trial, how each ends, per-epoch metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import keras
+import mlflow
+import numpy as np
+import optuna
+
+from emnist_exp.spec import TrialSpec
+from emnist_exp.tracking.launcher import kept_after_launcher, start_entry_run
+from emnist_exp.tracking.store import prepare_local_store
+from emnist_exp.tracking.tags import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, WORKER_TAG, quoted
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def study_run(config: dict[str, Any], *, storage: str, sampler: str) -> Iterator[mlflow.ActiveRun]:
+    """The parent run `study-<name>` in the study's experiment (see start_entry_run). `storage` is redacted."""
+    prepare_local_store()
+    worker = f"{socket.gethostname()} seed {config['seed']} pid {os.getpid()}"
+    tags = {ROLE_TAG: "study", STUDY_TAG: config["study"], WORKER_TAG: worker, "dataset": config["dataset"],
+            "optuna.sampler": sampler, "optuna.storage": storage, "git_commit": git_commit()}
+    launched = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run`'s run, which start_entry_run may keep
+    run = start_entry_run(run_name=f"study-{config['study']}", tags=tags, experiment=config["study"])
+    kept = launched is not None and run.info.run_id == launched  # then `mlflow run`, our parent, ends it too
+    with _ending(run, launcher=os.getppid() if kept else None):
+        # `mlflow run` already logged the raw -P values under their own names: resolved ones get a prefix.
+        mlflow.log_params({f"config.{k}": v for k, v in config.items()})
+        mlflow.log_dict(config, "config.json")
+        yield run
+
+
+@contextlib.contextmanager
+def _ending(run: mlflow.ActiveRun, on_error: str = "FAILED", launcher: int | None = None) -> Iterator[None]:
+    """End `run` as FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, whatever happens inside.
+
+    `launcher` is the pid of the `mlflow run` CLI that created the run, if any: see kept_after_launcher.
+    """
+    status = on_error
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+        if launcher and status == "KILLED":
+            kept_after_launcher(run.info.run_id, status, launcher)
+
+
+# `mlflow run` sets its run's status after its child exits unless the run is already terminated, but
+
+
+def trial_run_name(number: int, spec: TrialSpec) -> str:
+    return f"trial-{number:03d} {spec.short_name()}"
+
+
+@contextlib.contextmanager
+def trial_run(study: str, number: int, spec: TrialSpec, seed: int, extra_params: dict[str, Any]
+              ) -> Iterator[mlflow.ActiveRun]:
+    """A nested child run for one trial. Its end status follows how the trial ended."""
+    tags = {ROLE_TAG: "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING", "arch": spec.arch,
+            "aug": "on" if spec.augment else "off", "bn": "on" if spec.batch_norm else "off"}
+    run = mlflow.start_run(run_name=trial_run_name(number, spec), nested=True, tags=tags)
+    status = "FAILED"
+    try:
+        mlflow.log_params({**spec.params(), "seed": seed, **extra_params})
+        yield run
+        status = "FINISHED"
+    except optuna.TrialPruned:
+        mlflow.set_tag(STATE_TAG, "PRUNED")
+        status = "FINISHED"  # pruning is the search working as meant, not a failure
+        raise
+    except KeyboardInterrupt:
+        mlflow.set_tag(STATE_TAG, "FAIL")
+        status = "KILLED"
+        raise
+    except BaseException:
+        mlflow.set_tag(STATE_TAG, "FAIL")
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+def set_state(state: str) -> None:
+    mlflow.set_tag(STATE_TAG, state)
+
+
+def end_stale_trial_run(study: str, number: int, run_id: str | None = None) -> list[str]:
+    """End a dead worker's trial run, and its study run if still RUNNING, as FAILED. Returns their ids.
+
+    The run is the trial's `mlflow_run_id`, or (killed before it was recorded, or a retry still
+    carrying its original's id) the RUNNING trial run tagged with this study and trial number.
+    """
+    client = mlflow.MlflowClient()
+    runs = []
+    if run_id:
+        run = client.get_run(run_id)
+        if run.data.tags.get(STUDY_TAG) == study and run.data.tags.get(TRIAL_TAG) == str(number):
+            runs = [run]
+    if not runs:
+        where = (f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = {quoted(study)} and "
+                 f"tags.`{TRIAL_TAG}` = '{number}' and attributes.status = 'RUNNING'")
+        runs = mlflow.search_runs(search_all_experiments=True, filter_string=where, output_format="list")
+    ended = []
+    for run in runs:
+        parent = run.data.tags.get("mlflow.parentRunId")
+        for rid in [run.info.run_id] + ([parent] if parent else []):
+            if client.get_run(rid).info.status == "RUNNING":
+                client.set_tag(rid, "emnist.ended_by", "heartbeat: its worker stopped")
+                if rid == run.info.run_id:
+                    client.set_tag(rid, STATE_TAG, "FAIL")
+                client.set_terminated(rid, "FAILED")
+                ended.append(rid)
+    return ended
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Per-epoch train/validation loss and accuracy, the learning rate and the epoch's seconds as step metrics.
+
+    They are named epoch_<keras name>; the plain names hold each trial's final values.
+    """
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        metrics = {f"epoch_{k}": float(v) for k, v in (logs or {}).items() if np.isfinite(float(v))}
+        metrics["epoch_seconds"] = time.perf_counter() - self.started  # training and validation
+        mlflow.log_metrics(metrics, step=epoch)
