@@ -17,6 +17,7 @@ weighted on validation (carved from train); the test split is only reported. Nee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from emnist_exp.config import resolve
+from emnist_exp.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,6 +73,11 @@ def main() -> None:
     args = parser.parse_args()
 
     args.preset = args.preset or ("quick" if args.smoke else "sample")
+    try:  # from the project folder, as `mlflow run` resolves it; before the long run, so a missing folder fails at once
+        with contextlib.chdir(ROOT):
+            study = resolve({"preset": args.preset}).study
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="emnist-accuracy-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -87,10 +94,10 @@ def main() -> None:
     train_s = run(train, env, log)
     ensemble = [sys.executable, "-m", "emnist_exp.ensemble", "--top", str(top)]
     ens_s = run(ensemble, env, log)
-    # (d) the same members again, without registering: from the logged predictions, then re-inferred
+    # Assembly time: the same members again, without registering: from the logged predictions, then re-inferred
     run(ensemble + ["--no-register"], env, log)
     run(ensemble + ["--no-register", "--reinfer"], env, log)
-    reinferred, cached, protocol = ensemble_runs(tracking_uri, resolve({"preset": args.preset}).study, 3)
+    reinferred, cached, protocol = ensemble_runs(tracking_uri, study, 3)
     m, tags = protocol.data.metrics, protocol.data.tags
     cached_s, reinfer_s = cached.data.metrics["assembly_seconds"], reinferred.data.metrics["assembly_seconds"]
 

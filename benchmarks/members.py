@@ -1,6 +1,6 @@
 """One member of each architecture on one recipe, their ensemble, and the exported graph against the pyfunc.
 
-    python benchmarks/members.py --workdir /tmp/members-bench        # the real sample, 3 epochs each
+    python benchmarks/members.py --workdir DIR                       # the real sample, 3 epochs each
     python benchmarks/members.py --smoke                             # synthetic:1500, 1 epoch: checks it runs
 
 It queues one trial per architecture (the `tuned` space's recipe with no augmentation: one-cycle,

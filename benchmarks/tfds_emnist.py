@@ -1,6 +1,6 @@
 """tfds `emnist/bymerge` offline: a prepared copy built by tfds' own EMNIST builder, then its pipeline rate.
 
-    python benchmarks/tfds_emnist.py --data-dir /tmp/tfds-emnist    # build the copy once, then measure
+    python benchmarks/tfds_emnist.py --data-dir DIR                 # build the copy once, then measure
     python benchmarks/tfds_emnist.py --smoke                         # tfds.testing.mock_data stand-in
 
 Building: tfds downloads EMNIST's gzip.zip (562 MB) and checks it against the sha256 it registers.

@@ -5,7 +5,7 @@
 #   sbatch deploy/slurm-array.sh          (from the project root, with the project's venv active)
 #
 # Stopping: on preemption, scancel or the time limit, Slurm sends SIGTERM, waits KillWait (30 s by
-# default), then SIGKILL. The train worker handles SIGTERM itself (the reliability issue, #12): its
+# default), then SIGKILL. The train worker handles SIGTERM itself (emnist_exp/signals.py): its
 # trial ends as FAIL and another worker retries it. --requeue puts a preempted task back in the queue.
 #SBATCH --job-name=emnist-train
 #SBATCH --array=0-3%4

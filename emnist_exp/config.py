@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,10 @@ from typing import Any
 from emnist_exp.errors import UserError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments"
+# `${NAME}` or `${NAME:-fallback}` in a preset's string, filled in from the environment when the preset
+# loads: a folder that differs between machines is set there, not by editing the preset. The shell's
+# rule: the fallback applies when NAME is unset or empty.
+VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,8 +112,22 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """Read a preset's overrides; an unknown key or a wrong type is an error."""
+def expand(text: str, preset: str) -> str:
+    """A preset's string with each ${NAME} and ${NAME:-fallback} filled in from the environment."""
+
+    def fill(match: re.Match) -> str:
+        name, fallback = match.groups()
+        if os.environ.get(name):
+            return os.environ[name]
+        if fallback is None:
+            raise UserError(f"preset {preset} uses ${{{name}}}, which is not set.")
+        return fallback
+
+    return VARIABLE.sub(fill, text)
+
+
+def _preset_values(name: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """A preset's overrides, expanded, and for each key the environment variables its value names."""
     path = preset_path(name)
     try:
         values = tomllib.loads(path.read_text())
@@ -116,7 +136,27 @@ def load_preset(name: str) -> dict[str, Any]:
     unknown = sorted(set(values) - set(FIELDS) - {"preset"})
     if unknown:
         raise UserError(f"preset {path.name} has unknown keys: {', '.join(unknown)}.")
-    return {k: _coerce(k, v) for k, v in values.items()}
+    names = {k: VARIABLE.findall(v) for k, v in values.items() if isinstance(v, str) and VARIABLE.search(v)}
+    values = {k: expand(v, path.name) if k in names else v for k, v in values.items()}
+    return {k: _coerce(k, v) for k, v in values.items()}, {k: [n for n, _ in found] for k, found in names.items()}
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """Read a preset's overrides, environment variables filled in; an unknown key or a wrong type is an error."""
+    return _preset_values(name)[0]
+
+
+def _check_preset_folder(preset: str, dataset: str, names: list[str]) -> None:
+    """An idx: folder the preset took from the environment must exist; if not, say which variable sets it."""
+    folder = dataset[len("idx:") :]
+    if not dataset.startswith("idx:") or Path(folder).is_dir():
+        return
+    name = names[0]
+    where = (f"{name}, which names {folder}, not a folder" if os.environ.get(name)
+             else f"{name}, which is unset, and the fallback {folder} is not a folder")
+    raise UserError(f"the {preset} preset reads its folder from {where}: set {name} to a folder with the official "
+                    "EMNIST bymerge files (the gzip/ folder of EMNIST's gzip.zip), or pass --dataset idx:<folder> "
+                    "(-P dataset=idx:<folder> under mlflow run).")
 
 
 def resolve(overrides: dict[str, Any]) -> Config:
@@ -127,7 +167,10 @@ def resolve(overrides: dict[str, Any]) -> Config:
         raise UserError(f"unknown settings: {', '.join(unknown)}.")
     values: dict[str, Any] = {}
     if given.get("preset"):
-        values.update(load_preset(given["preset"]))
+        preset, names = _preset_values(given["preset"])
+        values.update(preset)
+        if "dataset" in names and "dataset" not in given:  # a --dataset flag replaces the preset's folder
+            _check_preset_folder(given["preset"], preset["dataset"], names["dataset"])
     values.update({k: _coerce(k, v) for k, v in given.items()})
     if "space" in values:
         from emnist_exp.search import space_name  # noqa: PLC0415

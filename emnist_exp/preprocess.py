@@ -177,7 +177,7 @@ def blur_sigma(mask: np.ndarray) -> float:
     127 (the sample's train images: stroke width and box side correlate at -0.66). The mask's
     stroke width against STROKE_TARGET gives the character's size in the scan, hence the blur.
     Against one sigma for all, this brought a 128 px scan round trip closer to the stored images
-    (mean absolute difference 10.3 -> 9.1 grey levels on 300 train images; BENCHMARKS.md).
+    (mean absolute difference 10.3 -> 9.1 grey levels on 300 train images).
     """
     width = float(np.clip(stroke_width(mask), *STROKE_RANGE))
     return BLUR_SIGMA * width / STROKE_TARGET

@@ -56,7 +56,7 @@ def test_accuracy_benchmark_smoke(workdir, tmp_path):
     assert percent["best member by validation: test accuracy"] == round(100 * m[f"member_{best}_test_accuracy"], 2)
     assert percent["best member test accuracy (any member)"] == round(
         100 * max(m["member_0_test_accuracy"], m["member_1_test_accuracy"]), 2)
-    # (d) ratios within one run: the logged predictions assemble faster than re-inference
+    # Ratios within one run: the logged predictions assemble faster than re-inference
     assert float(rows["assembly with --reinfer"].split()[0]) > float(rows["assembly from logged predictions"].split()[0])
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "optuna.db").exists()
 

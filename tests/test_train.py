@@ -140,3 +140,63 @@ def test_mlflow_run_entry_point_end_to_end(workdir):
     child = queries.study_runs("mlrun", "trial")[0]
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "[mlrun] trial 1 of 1" in out.stderr
+
+
+# The sample preset's folder comes from EMNIST_SAMPLE_DIR, with the development checkout's as the fallback.
+FALLBACK = Path("..") / "shared" / "data" / "emnist-bymerge-sample"
+
+
+def test_sample_preset_reads_its_folder_from_emnist_sample_dir(tmp_path, monkeypatch):
+    from emnist_exp import config
+
+    monkeypatch.setenv("EMNIST_SAMPLE_DIR", str(tmp_path))
+    cfg = config.resolve({"preset": "sample"})
+    assert cfg.dataset == f"idx:{tmp_path}"
+    assert cfg.to_dict()["dataset"] == f"idx:{tmp_path}"  # the run logs the expanded folder, not the template
+
+
+@pytest.mark.parametrize("value", [None, ""])  # unset or empty: the shell's rule for ${NAME:-fallback}
+def test_sample_preset_falls_back_to_the_development_folder(value, tmp_path, monkeypatch):
+    from emnist_exp import config
+
+    (tmp_path / "shared" / "data" / "emnist-bymerge-sample").mkdir(parents=True)
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    if value is None:
+        monkeypatch.delenv("EMNIST_SAMPLE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("EMNIST_SAMPLE_DIR", value)
+    assert config.resolve({"preset": "sample"}).dataset == f"idx:{FALLBACK.as_posix()}"
+
+
+def test_sample_preset_without_its_folder_names_the_variable(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "EMNIST_SAMPLE_DIR"}
+    missing = subprocess.run([sys.executable, "-m", "emnist_exp.train", "--preset", "sample"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    wrong = subprocess.run([sys.executable, "-m", "emnist_exp.train", "--preset", "sample"], cwd=tmp_path,
+                           env={**env, "EMNIST_SAMPLE_DIR": str(tmp_path / "nowhere")},
+                           capture_output=True, text=True, timeout=120)
+    for out, where in ((missing, f"which is unset, and the fallback {FALLBACK.as_posix()} is not a folder"),
+                       (wrong, f"which names {tmp_path / 'nowhere'}, not a folder")):
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert lines[0].startswith("error: the sample preset reads its folder from EMNIST_SAMPLE_DIR, " + where)
+        assert lines[0].endswith("or pass --dataset idx:<folder> (-P dataset=idx:<folder> under mlflow run).")
+    assert list(tmp_path.iterdir()) == []  # refused before any store or data was touched
+    # A --dataset flag replaces the preset's folder, so the missing default is no error.
+    from emnist_exp import config
+
+    assert config.resolve({"preset": "sample", "dataset": "synthetic:600"}).dataset == "synthetic:600"
+
+
+def test_a_preset_variable_without_a_fallback_must_be_set(tmp_path, monkeypatch):
+    from emnist_exp import config
+    from emnist_exp.errors import UserError
+
+    preset = tmp_path / "mine.toml"
+    preset.write_text('dataset = "idx:${MY_EMNIST}"\n')
+    monkeypatch.delenv("MY_EMNIST", raising=False)
+    with pytest.raises(UserError, match=r"preset mine.toml uses \$\{MY_EMNIST\}, which is not set."):
+        config.resolve({"preset": str(preset)})
+    monkeypatch.setenv("MY_EMNIST", str(tmp_path))
+    assert config.resolve({"preset": str(preset)}).dataset == f"idx:{tmp_path}"
