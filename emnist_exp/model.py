@@ -7,26 +7,30 @@ from typing import Callable
 import keras
 from keras import layers
 
+from emnist_exp import precision
 from emnist_exp.spec import TrialSpec
 
 IMAGE_SHAPE = (28, 28, 1)
 SEED_DECAY = 0.95  # the seed recipe: lr * 0.95^epoch
 
 
-def build_model(spec: TrialSpec, num_classes: int) -> keras.Model:
-    """The member `spec.arch` names, `spec.width` wide, with a softmax over `num_classes`.
+def build_model(spec: TrialSpec, num_classes: int, policy: str = "float32") -> keras.Model:
+    """The member `spec.arch` names, `spec.width` wide, with a softmax over `num_classes`, in a Keras dtype policy.
 
     After Chris Deotte's https://www.kaggle.com/code/cdeotte/25-million-images-0-99757-mnist
 
-    Input is raw pixels (0..255, upright, white on black); scaling is inside, so a saved
-    model needs no preprocessing of its own.
+    Input is raw pixels (0..255, upright, white on black) in float32; scaling is inside, so a saved
+    model needs no preprocessing of its own. The softmax is float32 in every policy: scores and
+    the loss keep float32's range (Keras' mixed-precision guide).
     """
     if spec.arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {spec.arch!r}: expected one of {', '.join(ARCHITECTURES)}")
-    image = keras.Input(IMAGE_SHAPE, name="image")
-    features = ARCHITECTURES[spec.arch](layers.Rescaling(1.0 / 255)(image), spec)
-    probs = layers.Dense(num_classes, activation="softmax", name="probs")(layers.Dropout(spec.dropout)(features))
-    return keras.Model(image, probs, name=f"emnist_{spec.arch}")
+    with precision.dtype_policy(policy):
+        image = keras.Input(IMAGE_SHAPE, name="image")
+        features = ARCHITECTURES[spec.arch](layers.Rescaling(1.0 / 255)(image), spec)
+        probs = layers.Dense(num_classes, activation="softmax", name="probs", dtype="float32")(
+            layers.Dropout(spec.dropout)(features))
+        return keras.Model(image, probs, name=f"emnist_{spec.arch}")
 
 
 def _conv(x, filters: int, kernel: int, spec: TrialSpec, strides: int = 1, padding: str = "valid"):
@@ -164,10 +168,16 @@ def schedule_callbacks(spec: TrialSpec) -> list[keras.callbacks.Callback]:
 
 
 def compile_model(model: keras.Model, spec: TrialSpec, steps_per_epoch: int, epochs: int) -> keras.Model:
+    """Adam and cross-entropy; under mixed_float16 Keras wraps the optimiser in a LossScaleOptimizer itself.
+
+    XLA is off: Keras' "auto" would turn it on wherever a GPU is visible, and on CPU it trained the
+    seed CNN several times slower; on GPU it is unmeasured here.
+    """
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate(spec, steps_per_epoch, epochs)),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
         metrics=["accuracy"],
+        jit_compile=False,
     )
     return model
 

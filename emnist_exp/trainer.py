@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from emnist_exp import data, model as models
+from emnist_exp import data, model as models, precision
 from emnist_exp.spec import TrialSpec
 from emnist_exp.voting import accuracy
 
@@ -62,12 +62,14 @@ class EpochLine(keras.callbacks.Callback):
 
 
 def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: int, seed: int,
-               shuffle_buffer: int, callbacks: list | None = None, verbose: int = 2) -> TrainResult:
-    """Fit with early stopping on validation accuracy (best weights kept), then predict val and test."""
+               shuffle_buffer: int, callbacks: list | None = None, verbose: int = 2,
+               policy: str = "float32") -> TrainResult:
+    """Fit in a Keras dtype policy with early stopping on validation accuracy (best weights kept),
+    then predict val and test with the float32 model that leaves the trial."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     num_classes = len(splits.classes)
-    net = models.build_model(spec, num_classes)
+    net = models.build_model(spec, num_classes, policy)
     batch_size = min(spec.batch_size, splits.counts["train"])  # whole batches only (see training_pipeline)
     steps = splits.counts["train"] // batch_size
     models.compile_model(net, spec, steps, epochs)
@@ -85,6 +87,7 @@ def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: i
     seconds = time.perf_counter() - started
     history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
     diverged = any(not math.isfinite(v) for v in history.get("loss", []))
+    net = precision.float32_copy(net, lambda: models.build_model(spec, num_classes))
     result = TrainResult(net, history, seconds, val_probs=np.zeros((0, num_classes)),
                          val_labels=splits.val_labels, diverged=diverged)
     if diverged:
