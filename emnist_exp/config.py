@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from emnist_exp.errors import UserError
+from emnist_exp.precision import PRECISIONS
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments"
 # `${NAME}` or `${NAME:-fallback}` in a preset's string, filled in from the environment when the preset
@@ -44,6 +45,7 @@ class Config:
     epochs: int = 10
     patience: int = 3  # early stopping on val_accuracy
     shuffle_buffer: int = 10_000  # ~8 MB of uint8 images: the RAM ceiling stays flat
+    precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16; models leave in float32 (precision.py)
     preset: str = ""  # the preset these values came from, for the record
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +98,8 @@ def _check(cfg: Config) -> Config:
     for ok, message in rules:
         if not ok:
             raise UserError(message + ".")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}.")
     from emnist_exp.search import SPACES  # noqa: PLC0415 (keeps --help free of Optuna)
 
     if cfg.space not in SPACES:

@@ -46,9 +46,11 @@ class StopOnSignal(keras.callbacks.Callback):
 class Objective:
     """Train one trial on data loaded once; every trial is a nested MLflow run."""
 
-    def __init__(self, cfg: Config, splits: data.Splits, on_start: Callable[[], None] | None = None):
+    def __init__(self, cfg: Config, splits: data.Splits, on_start: Callable[[], None] | None = None,
+                 policy: str = "float32"):
         self.cfg = cfg
         self.splits = splits
+        self.policy = policy  # the Keras dtype policy cfg.precision resolved to on this machine
         self.on_start = on_start  # told once each trial exists in the storage (the trial cap's claim)
         self.datasets = datasets.split_datasets(cfg.dataset, data.split_records(splits), len(splits.classes))
 
@@ -61,14 +63,15 @@ class Objective:
         seed = trial_seed(cfg.seed, trial.number)  # unique per trial across workers, like the sampler's
         # What it takes to rebuild this trial's splits (the ensemble's fallback to inference).
         extra = {"dataset": cfg.dataset, "val_fraction": cfg.val_fraction, "max_examples": cfg.max_examples,
-                 "data_dir": cfg.data_dir, "n_train": splits.counts["train"], "max_epochs": cfg.epochs}
+                 "data_dir": cfg.data_dir, "n_train": splits.counts["train"], "max_epochs": cfg.epochs,
+                 "precision": self.policy}
         trial.set_user_attr("worker", WORKER)  # which machine and process ran (or lost) this trial
         with runs.trial_run(cfg.study, trial.number, spec, seed, extra) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             datasets.log_datasets(self.datasets)
             pruning = PruningCallback(trial)
             result = trainer.train_spec(spec, splits, epochs=cfg.epochs, patience=cfg.patience, seed=seed,
-                                        shuffle_buffer=cfg.shuffle_buffer,
+                                        shuffle_buffer=cfg.shuffle_buffer, policy=self.policy,
                                         callbacks=[pruning, runs.EpochLogger(), StopOnSignal()])
             if result.diverged:
                 runs.set_state("FAIL")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import keras
+if TYPE_CHECKING:  # Keras is imported where it is used: config checks a precision without it
+    import keras
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 # Tensor cores (Volta, compute capability 7.0) are where mixed_float16 pays: Keras' mixed-precision
@@ -82,6 +83,7 @@ def share_gpus() -> int:
 @contextlib.contextmanager
 def dtype_policy(name: str) -> Iterator[None]:
     """Layers (and models) made inside take the `name` policy; Keras' global default is restored after."""
+    import keras  # noqa: PLC0415
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(name)
     try:

@@ -28,6 +28,8 @@ OPTIONS = [  # (flag, help) — one flag per MLproject parameter of the `train` 
     ("grace_period", "seconds without heartbeat after which another worker fails and retries the trial"),
     ("patience", "early-stopping patience in epochs"),
     ("shuffle_buffer", "tf.data shuffle buffer in examples"),
+    ("precision", "number format for training: auto (mixed_float16 on a GPU with tensor cores, else float32), "
+     "float32, mixed_bfloat16 or mixed_float16; logged models are float32 whatever trained them"),
 ]
 
 
@@ -70,11 +72,13 @@ def run(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     console.quiet(verbose=bool(args.pop("verbose")))
     cfg = resolve(args)
-    from emnist_exp import data, storage, study as studies  # noqa: PLC0415
+    from emnist_exp import data, precision, storage, study as studies  # noqa: PLC0415
     from emnist_exp.tracking import experiments, results, runs  # noqa: PLC0415
     from emnist_exp.objective import Objective  # noqa: PLC0415
 
     console.quiet_libraries()
+    precision.share_gpus()  # before TensorFlow's first op maps a whole GPU to this worker
+    policy = precision.resolve(cfg.precision)
     study = studies.open_study(cfg)
     callbacks, cap = studies.worker_callbacks(cfg, study)
     if cap and not cap.has_room(study, hold=False):  # before the data: a late worker leaves at once
@@ -83,10 +87,11 @@ def run(argv: list[str] | None = None) -> int:
     splits = data.load_splits(cfg.dataset, val_fraction=cfg.val_fraction, max_examples=cfg.max_examples,
                               data_dir=cfg.data_dir, seed=cfg.seed)
     counts = ", ".join(f"{k} {v:,}" for k, v in splits.counts.items())
-    print(f"dataset {cfg.dataset}: {len(splits.classes)} classes; {counts}", file=sys.stderr)
+    chosen = f"{policy} (auto)" if cfg.precision == "auto" else policy
+    print(f"dataset {cfg.dataset}: {len(splits.classes)} classes; {counts}; precision {chosen}", file=sys.stderr)
     logged = {**cfg.to_dict(), "storage": storage.redact(cfg.storage)}  # never a password in the run
     url = cfg.storage or storage.DEFAULT_STORAGE
-    objective = Objective(cfg, splits, on_start=cap.claimed if cap else None)
+    objective = Objective(cfg, splits, policy=policy, on_start=cap.claimed if cap else None)
     with runs.study_run(logged, storage=storage.redact(url), sampler=str(study.sampler)) as run:
         try:
             if cap is None or cap.has_room(study):  # holds the study's lock until the first trial is claimed
