@@ -3,6 +3,7 @@
     python benchmarks/memory.py                 # 10k, the whole sample, the sample's train x8 (678,760)
     python benchmarks/memory.py --synthetic     # ... and a second table row for synthetic:700000
     python benchmarks/memory.py --smoke --sample DIR   # two tiny folders made from DIR: checks the script runs
+    python benchmarks/memory.py --precision mixed_bfloat16   # the epoch trained in another Keras dtype policy
 
 The folders are built here, in a temporary folder, in EMNIST's official layout: 10k is the sample's
 first 10,000 train images, the largest repeats the sample's whole train split (the test split is
@@ -46,10 +47,12 @@ import json, resource, sys, time
 from emnist_exp import data, trainer
 from emnist_exp.spec import TrialSpec
 splits = data.load_splits(sys.argv[1])
+policy = sys.argv[2]
 spec = TrialSpec(augment=True, rotation=8, shift=0.06, zoom=0.06, elastic=0.2, schedule="onecycle",
                  batch_size=128, learning_rate=2e-3, label_smoothing=0.1, dropout=0.3)
 started = time.perf_counter()
-result = trainer.train_spec(spec, splits, epochs=1, patience=1, seed=0, shuffle_buffer=10_000, verbose=0)
+result = trainer.train_spec(spec, splits, epochs=1, patience=1, seed=0, shuffle_buffer=10_000, verbose=0,
+                            policy=policy)
 print(json.dumps({"train": splits.counts["train"], "seconds": time.perf_counter() - started,
                   "val_accuracy": result.val_accuracy,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -156,11 +159,12 @@ def training_rate(steps: int) -> float:
     return float(child(RATE, str(steps)))
 
 
-def measure(folders: list[tuple[str, str]], work: str) -> list[dict]:
+def measure(folders: list[tuple[str, str]], work: str, policy: str = "float32") -> list[dict]:
     """One row per folder; with --keep, a row measured before (row-*.json in the work folder) is reused."""
     results = []
     for label, folder in folders:
-        saved = os.path.join(work, f"row-{os.path.basename(folder)}.json")
+        tagged = "" if policy == "float32" else f"-{policy}"  # rows kept by --keep are per policy
+        saved = os.path.join(work, f"row-{os.path.basename(folder)}{tagged}.json")
         if os.path.exists(saved):
             with open(saved) as file:
                 results.append(json.load(file))
@@ -169,7 +173,7 @@ def measure(folders: list[tuple[str, str]], work: str) -> list[dict]:
         spec = f"idx:{folder}"
         row = {"label": label, "prepare": json.loads(child(PREPARE, spec, data_dir=data_dir))}
         row["open"] = json.loads(child(PREPARE, spec, data_dir=data_dir))
-        row["epoch"] = json.loads(child(EPOCH, spec, data_dir=data_dir))
+        row["epoch"] = json.loads(child(EPOCH, spec, policy, data_dir=data_dir))
         print(f"measured {label}: {json.dumps(row)}", file=sys.stderr, flush=True)
         with open(saved, "w") as file:
             json.dump(row, file)
@@ -177,9 +181,9 @@ def measure(folders: list[tuple[str, str]], work: str) -> list[dict]:
     return results
 
 
-def print_tables(results: list[dict], rates: tuple[float, float], synthetic: dict | None) -> None:
+def print_tables(results: list[dict], rates: tuple[float, float], synthetic: dict | None, policy: str) -> None:
     base = results[0]
-    print(f"peak RSS on idx: folders of the official layout, {os.cpu_count()} CPUs; "
+    print(f"peak RSS on idx: folders of the official layout, {os.cpu_count()} CPUs, the epoch in {policy}; "
           f"training rate (seed CNN, batch 128) {rates[0]:,.0f} images/s before, {rates[1]:,.0f} after")
     print(f"{'set':<22} {'train images':>12} {'prepare MB':>10} {'open MB':>8} {'epoch MB':>9} {'epoch vs first':>14}")
     for r in results:
@@ -216,6 +220,10 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true", help="also measure synthetic:700000 (a second row)")
     parser.add_argument("--keep", help="build the folders here and keep them, with each measured row "
                         "(default: a temporary folder)")
+    from emnist_exp.precision import PRECISIONS  # noqa: PLC0415
+
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS[1:],
+                        help="Keras dtype policy of the epoch (default: float32)")
     parser.add_argument("--only", type=int, nargs="+", help="measure only these sets (0 = the smallest)")
     args = parser.parse_args()
     sample = os.path.abspath(args.sample)
@@ -237,14 +245,14 @@ def main() -> None:
                 repeated_folder(sample, dest, times=times, first=first)
             folders.append((label, dest))
             print(f"built {dest} in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
-        results = measure(folders, work)
+        results = measure(folders, work, args.precision)
         synthetic = None
         if args.synthetic:
             data_dir = os.path.join(work, "tfds-synthetic")
             child("from emnist_exp import data; data.open_source('synthetic:700000')", data_dir=data_dir)
-            synthetic = json.loads(child(EPOCH, "synthetic:700000", data_dir=data_dir))
+            synthetic = json.loads(child(EPOCH, "synthetic:700000", args.precision, data_dir=data_dir))
         rates = (rate_before, rate_before if args.smoke else training_rate(steps))  # smoke: one process less
-        print_tables(results, rates, synthetic)
+        print_tables(results, rates, synthetic, args.precision)
         if not args.only:
             print_validator(folders[0][1], work)
     finally:

@@ -112,7 +112,7 @@ def rates(splits: data.Splits, members: list[tuple[str, int]], batches: list[int
                 order = variants if r % 2 else variants[::-1]
                 for variant in order:
                     # bf16 emulated on CPU is several times slower: fewer steps keep its turn short
-                    n = steps if variant != "mixed_bfloat16" else max(skip + 2, steps // 4)
+                    n = steps if variant != "mixed_bfloat16" else max(skip + 3, steps // 4)
                     clock = StepClock(skip, batch)
                     nets[variant].fit(ds, steps_per_epoch=n if r else skip + 2, epochs=1, verbose=0,
                                       callbacks=[clock])
@@ -229,26 +229,27 @@ def main() -> None:
                         "included) and test examples for the accuracy part (default: 6000)")
     parser.add_argument("--accuracy-epochs", type=int, default=2, help="epochs of each accuracy run (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="Keras and tf.data seed (default: 0)")
-    parser.add_argument("--skip-accuracy", action="store_true", help="rates and FLOP/s only")
+    parser.add_argument("--part", choices=["all", "rates", "accuracy"], default="all",
+                        help="rates (with FLOP/s), accuracy, or both (default: all)")
     parser.add_argument("--smoke", action="store_true", help="synthetic:600, the seed CNN at batch 32, one round; "
                         "accuracy on 150 examples, one epoch")
     args = parser.parse_args()
     members = [(arch, w) for arch, widths in TUNED_WIDTHS.items() for w in widths]
-    batches, skip = [32, 64], 3
+    batches, skip = [32, 64], 2
     if args.smoke:
         args.dataset, args.rounds, args.steps = "synthetic:600", 1, 8
         args.accuracy_examples, args.accuracy_epochs = 150, 1
         members, batches = [("cnn", 32)], [32]
-    from emnist_exp.tracking import git_commit  # noqa: PLC0415
+    from emnist_exp.tracking.runs import git_commit  # noqa: PLC0415
 
     commit = git_commit()[:7]
     rate_steps = 3 if args.smoke else 60
     before = training_rate(rate_steps, 128)
     splits = data.load_splits(args.dataset, seed=args.seed)
-    rows = rates(splits, members, batches, args.rounds, args.steps, skip)
+    rows = [] if args.part == "accuracy" else rates(splits, members, batches, args.rounds, args.steps, skip)
     between = training_rate(rate_steps, 128)
-    acc = None if args.skip_accuracy else accuracy(args.dataset, args.accuracy_examples, args.accuracy_epochs,
-                                                   args.seed)
+    acc = None if args.part == "rates" else accuracy(args.dataset, args.accuracy_examples, args.accuracy_epochs,
+                                                     args.seed)
     after = training_rate(rate_steps, 128)
 
     flags = precision.cpu_flags()
@@ -258,13 +259,16 @@ def main() -> None:
     print(f"training rate (seed CNN, batch 128, float32): {before:,.0f} / {between:,.0f} / {after:,.0f} images/s "
           "(before / between / after)")
     print()
-    ratios = print_rates(rows, args.rounds, args.dataset)
-    print()
-    print_flops(rows)
+    if rows:
+        ratios = print_rates(rows, args.rounds, args.dataset)
+        print()
+        print_flops(rows)
     if acc:
         print()
         print_accuracy(*acc, args.accuracy_epochs, args.seed)
     print()
+    if not rows:
+        return
     speedup = statistics.median(ratios)
     print(f"bf16 / float32 over the members and batches: median {speedup:.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]; "
           f"pays (>= {precision.PAYS}x): {'yes' if speedup >= precision.PAYS else 'no'}")

@@ -63,10 +63,9 @@ class Objective:
         seed = trial_seed(cfg.seed, trial.number)  # unique per trial across workers, like the sampler's
         # What it takes to rebuild this trial's splits (the ensemble's fallback to inference).
         extra = {"dataset": cfg.dataset, "val_fraction": cfg.val_fraction, "max_examples": cfg.max_examples,
-                 "data_dir": cfg.data_dir, "n_train": splits.counts["train"], "max_epochs": cfg.epochs,
-                 "precision": self.policy}
+                 "data_dir": cfg.data_dir, "n_train": splits.counts["train"], "max_epochs": cfg.epochs}
         trial.set_user_attr("worker", WORKER)  # which machine and process ran (or lost) this trial
-        with runs.trial_run(cfg.study, trial.number, spec, seed, extra) as run:
+        with runs.trial_run(cfg.study, trial.number, spec, seed, extra, policy=self.policy) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             datasets.log_datasets(self.datasets)
             pruning = PruningCallback(trial)

@@ -1,4 +1,4 @@
-"""Number formats for training: the `precision` option, what `auto` picks, GPU sharing, float32 models out. No tracking."""
+"""Number formats for training: the `precision` option, what `auto` picks, GPU sharing, float32 models out."""
 
 from __future__ import annotations
 

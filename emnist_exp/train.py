@@ -92,7 +92,7 @@ def run(argv: list[str] | None = None) -> int:
     logged = {**cfg.to_dict(), "storage": storage.redact(cfg.storage)}  # never a password in the run
     url = cfg.storage or storage.DEFAULT_STORAGE
     objective = Objective(cfg, splits, policy=policy, on_start=cap.claimed if cap else None)
-    with runs.study_run(logged, storage=storage.redact(url), sampler=str(study.sampler)) as run:
+    with runs.study_run(logged, storage=storage.redact(url), sampler=str(study.sampler), policy=policy) as run:
         try:
             if cap is None or cap.has_room(study):  # holds the study's lock until the first trial is claimed
                 study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout or None, callbacks=callbacks,

@@ -18,7 +18,7 @@ import optuna
 from emnist_exp.spec import TrialSpec
 from emnist_exp.tracking.launcher import kept_after_launcher, start_entry_run
 from emnist_exp.tracking.store import prepare_local_store
-from emnist_exp.tracking.tags import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, WORKER_TAG, quoted
+from emnist_exp.tracking.tags import PRECISION_TAG, ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, WORKER_TAG, quoted
 
 
 def git_commit() -> str:
@@ -31,18 +31,20 @@ def git_commit() -> str:
 
 
 @contextlib.contextmanager
-def study_run(config: dict[str, Any], *, storage: str, sampler: str) -> Iterator[mlflow.ActiveRun]:
-    """The parent run `study-<name>` in the study's experiment (see start_entry_run). `storage` is redacted."""
+def study_run(config: dict[str, Any], *, storage: str, sampler: str, policy: str = "float32"
+              ) -> Iterator[mlflow.ActiveRun]:
+    """The parent run `study-<name>` in the study's experiment (see start_entry_run). `storage` is redacted;
+    `policy` is the Keras dtype policy config["precision"] resolved to on this worker."""
     prepare_local_store()
     worker = f"{socket.gethostname()} seed {config['seed']} pid {os.getpid()}"
     tags = {ROLE_TAG: "study", STUDY_TAG: config["study"], WORKER_TAG: worker, "dataset": config["dataset"],
-            "optuna.sampler": sampler, "optuna.storage": storage, "git_commit": git_commit()}
+            "optuna.sampler": sampler, "optuna.storage": storage, "git_commit": git_commit(), PRECISION_TAG: policy}
     launched = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run`'s run, which start_entry_run may keep
     run = start_entry_run(run_name=f"study-{config['study']}", tags=tags, experiment=config["study"])
     kept = launched is not None and run.info.run_id == launched  # then `mlflow run`, our parent, ends it too
     with _ending(run, launcher=os.getppid() if kept else None):
         # `mlflow run` already logged the raw -P values under their own names: resolved ones get a prefix.
-        mlflow.log_params({f"config.{k}": v for k, v in config.items()})
+        mlflow.log_params({**{f"config.{k}": v for k, v in config.items()}, "precision_policy": policy})
         mlflow.log_dict(config, "config.json")
         yield run
 
@@ -74,15 +76,15 @@ def trial_run_name(number: int, spec: TrialSpec) -> str:
 
 
 @contextlib.contextmanager
-def trial_run(study: str, number: int, spec: TrialSpec, seed: int, extra_params: dict[str, Any]
-              ) -> Iterator[mlflow.ActiveRun]:
-    """A nested child run for one trial. Its end status follows how the trial ended."""
+def trial_run(study: str, number: int, spec: TrialSpec, seed: int, extra_params: dict[str, Any],
+              policy: str = "float32") -> Iterator[mlflow.ActiveRun]:
+    """A nested child run for one trial, trained in the Keras dtype `policy`. It ends as the trial did."""
     tags = {ROLE_TAG: "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING", "arch": spec.arch,
-            "aug": "on" if spec.augment else "off", "bn": "on" if spec.batch_norm else "off"}
+            "aug": "on" if spec.augment else "off", "bn": "on" if spec.batch_norm else "off", PRECISION_TAG: policy}
     run = mlflow.start_run(run_name=trial_run_name(number, spec), nested=True, tags=tags)
     status = "FAILED"
     try:
-        mlflow.log_params({**spec.params(), "seed": seed, **extra_params})
+        mlflow.log_params({**spec.params(), "seed": seed, "precision_policy": policy, **extra_params})
         yield run
         status = "FINISHED"
     except optuna.TrialPruned:

@@ -9,6 +9,7 @@ STUDY_TAG = "optuna.study"
 TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"
 WORKER_TAG = "worker"  # host, seed and process of the worker behind a study run
+PRECISION_TAG = "precision"  # the Keras dtype policy a study's trials trained in (its `precision` resolved)
 MOVED_TAG = "emnist.moved_to"  # on `mlflow run`'s own run in Default: the run that replaced it
 HANDED_OVER_TAG = "emnist.handed_over_ms"  # ... and when (the end time it got then)
 
