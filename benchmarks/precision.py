@@ -244,13 +244,15 @@ def main() -> None:
 
     commit = git_commit()[:7]
     rate_steps = 3 if args.smoke else 60
-    before = training_rate(rate_steps, 128)
+    # The machine's training rate before, between and after; --part accuracy leaves it to benchmarks/pipeline.py.
+    measure = (lambda: training_rate(rate_steps, 128)) if args.part != "accuracy" else (lambda: float("nan"))
+    before = measure()
     splits = data.load_splits(args.dataset, seed=args.seed)
     rows = [] if args.part == "accuracy" else rates(splits, members, batches, args.rounds, args.steps, skip)
-    between = training_rate(rate_steps, 128)
+    between = measure()
     acc = None if args.part == "rates" else accuracy(args.dataset, args.accuracy_examples, args.accuracy_epochs,
                                                      args.seed)
-    after = training_rate(rate_steps, 128)
+    after = measure()
 
     flags = precision.cpu_flags()
     native = sorted(flags & set(precision.BF16_CPU_FLAGS)) or ["none"]

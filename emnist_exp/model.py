@@ -170,8 +170,8 @@ def schedule_callbacks(spec: TrialSpec) -> list[keras.callbacks.Callback]:
 def compile_model(model: keras.Model, spec: TrialSpec, steps_per_epoch: int, epochs: int) -> keras.Model:
     """Adam and cross-entropy; under mixed_float16 Keras wraps the optimiser in a LossScaleOptimizer itself.
 
-    XLA is off: Keras' "auto" would turn it on wherever a GPU is visible, and on CPU it trained the
-    seed CNN several times slower; on GPU it is unmeasured here.
+    XLA is off: Keras' "auto" would turn it on wherever a GPU is visible, and it has not been shown
+    to pay on CPU (benchmarks/precision.py times it) nor measured on a GPU.
     """
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate(spec, steps_per_epoch, epochs)),

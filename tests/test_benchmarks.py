@@ -193,3 +193,29 @@ def own_images_conditions() -> set[str]:
     import own_images
 
     return set(own_images.CONDITIONS)
+
+
+def test_precision_benchmark_smoke(workdir):
+    """Both policies through the real pipeline code in one run, FLOP/s from layer shapes, paired test accuracy."""
+    from emnist_exp import precision
+
+    out = run_script("precision.py", "--smoke")
+    rates = re.search(r"^cnn-32\s+32\s+([\d,]+) \[[\d,-]+\]\s+([\d,]+) \[[\d,-]+\]\s+([\d.]+) \[[\d.-]+\]x\s+not run$",
+                      out, re.M)
+    assert rates, out
+    f32, bf16, ratio = (float(g.replace(",", "")) for g in rates.groups())
+    assert f32 > 0 and bf16 > 0 and ratio > 0
+    flops = re.search(r"^cnn-32\s+32\s+([\d.]+)\s+([\d.]+)\s+(\d+)%\s+([\d.]+)\s+(\d+)%$", out, re.M)
+    assert flops and 80 < float(flops.group(1)) < 100, out  # the seed CNN: ~30 MFLOP forward, x3 to train
+    assert re.search(r"^peak assumed: \d+ GFLOP/s float32 \(2 cores x [\d.]+ GHz x 32 FLOP/cycle", out, re.M), out
+    accuracy = re.findall(r"^(cnn-32|vgg5-24)\s+([\d.]+) \+- ([\d.]+)\s+([\d.]+) \+- ([\d.]+)\s+([+-][\d.]+) \+- "
+                          r"([\d.]+)\s+(yes|no)$", out, re.M)
+    assert [a[0] for a in accuracy] == ["cnn-32", "vgg5-24"], out
+    for _, a, _, b, _, diff, paired, within in accuracy:
+        assert abs(float(b) - float(a) - float(diff)) < 2e-4  # the difference is the two columns'
+        assert within == ("yes" if abs(float(diff)) <= float(paired) else "no")
+    verdict = re.search(r"^bf16 / float32 over the members and batches: median ([\d.]+)x .*; pays \(>= 1.3x\): (yes|no)$",
+                        out, re.M)
+    assert verdict and verdict.group(2) == ("yes" if float(verdict.group(1)) >= precision.PAYS else "no"), out
+    auto = precision.choose(precision.gpu_capabilities(), precision.cpu_flags())
+    assert f"auto on this machine: {auto}" in out

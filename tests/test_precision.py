@@ -46,8 +46,13 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert precision.cpu_flags(str(tmp_path / "missing")) == set()
 
 
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
-@pytest.mark.parametrize("arch", ["cnn", "resnet", "vgg5"])
+# Every policy on the seed CNN in the fast tier; the other architectures under the mixed policies (emulated,
+# slow on a CPU without native bf16 or float16) in the slow one.
+POLICY_ARCHS = [(policy, "cnn") for policy in ("float32", "mixed_bfloat16", "mixed_float16")] + [
+    pytest.param(policy, arch, marks=pytest.mark.slow) for policy in MIXED for arch in ("resnet", "vgg5")]
+
+
+@pytest.mark.parametrize("policy, arch", POLICY_ARCHS)
 def test_each_policy_trains_a_step_and_the_model_that_leaves_is_float32(policy, arch):
     import keras
 
