@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -143,32 +142,16 @@ def test_a_bf16_trained_model_served_over_http_returns_its_float32_scores(bf16_t
     import mlflow
 
     from emnist_exp.tracking import models
-    from test_serving import free_port, wait_for_ping
+    from test_serving import mlflow_serve
 
     bf16_trial, _ = bf16_trial
     uri = models.model_uri(bf16_trial.info.run_id)
-    port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    with open(log, "wb") as sink:
-        server = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_ping(url, server, log)
-        images = np.random.default_rng(3).integers(0, 256, (4, 28, 28, 1)).astype(np.float32)
+    images = np.random.default_rng(3).integers(0, 256, (4, 28, 28, 1)).astype(np.float32)
+    with mlflow_serve(uri, tmp_path / "serve.log") as url:
         request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": images.tolist()}).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
         with urllib.request.urlopen(request, timeout=120) as response:
             served = np.asarray(json.loads(response.read())["predictions"], dtype=np.float64)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
     local = mlflow.keras.load_model(uri).predict(images, verbose=0)
     assert local.dtype == np.float32 and served.shape == (4, 47)
     np.testing.assert_allclose(served, local, rtol=1e-6, atol=1e-9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -59,13 +60,12 @@ def wait_for_ping(url: str, server: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"no answer on {url}/ping within {STARTUP_SECONDS}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture
-def server(tiny_ensemble, tmp_path):
-    """`mlflow models serve -m models:/emnist-ensemble/<v> --env-manager local` on a free local port."""
+@contextlib.contextmanager
+def mlflow_serve(model_uri: str, log: Path):
+    """`mlflow models serve -m <model_uri> --env-manager local` on a free local port; yields its URL."""
     port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/emnist-ensemble/{tiny_ensemble}",
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     with open(log, "wb") as sink:
         # Its own session: the server's uvicorn child is stopped with it.
@@ -81,6 +81,13 @@ def server(tiny_ensemble, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+@pytest.fixture
+def server(tiny_ensemble, tmp_path):
+    """The registered ensemble served over HTTP."""
+    with mlflow_serve(f"models:/emnist-ensemble/{tiny_ensemble}", tmp_path / "serve.log") as url:
+        yield url
 
 
 def test_rest_predictions_match_the_in_process_model(server, tiny_ensemble):
