@@ -58,7 +58,7 @@ def experiment_url(experiment_id: str) -> str:
     """Where the experiment's curated runs table is in the UI (views.write_runs_view), in the model-training view.
 
     MLflow 3.17's UI shows the GenAI or the Model training side of its sidebar switch: the address's
-    `workflowType` if it has one, else the browser's localStorage (`mlflow.workflowType`, GenAI until
+    `workflowType` if it has one, else the browser's localStorage (`mlflow.workflowType_v1`, GenAI until
     the user clicks the switch). Links inside the UI (a run, the breadcrumb) carry no `workflowType`,
     and nothing a server or store holds reaches that localStorage, so only the click makes it stick.
     """
