@@ -91,6 +91,7 @@ class Objective:
             wrong = np.flatnonzero(result.test_probs.argmax(axis=1) != result.test_labels)[:48]
             images = data.images_at(self.splits.test, wrong)
         model_id = models.log_keras_model(result.model, self.splits.classes,
-                                            data.images_at(self.splits.val, range(min(4, self.splits.counts["val"]))))
+                                            data.images_at(self.splits.val, range(min(4, self.splits.counts["val"]))),
+                                            step=result.best_epoch)
         results.log_trial_result(result, spec, self.splits.classes, param_count=result.model.count_params(),
                                   model_id=model_id, datasets=self.datasets, test_images=images, wrong_index=wrong)

@@ -10,14 +10,25 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
+# Matplotlib's default cycle: ten colours that stay apart for every trial number mod 10, where MLflow's
+# own run colours (picked by hashing the run id from a palette holding six greens) often do not.
+TRIAL_COLOURS = [matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab10").colors]
+
+
+def trial_colour(number: int) -> str:
+    """The colour of trial `number` in every chart (MLflow's, via the run's colour tag)."""
+    return TRIAL_COLOURS[number % len(TRIAL_COLOURS)]
+
+
 def learning_curve(history: dict[str, list[float]]) -> Figure:
-    """Loss and accuracy per epoch, train against validation."""
+    """Loss and accuracy per epoch, train against validation, epochs counted from 0 as MLflow's steps are."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ["loss", "accuracy"]):
         for prefix, style in [("", "-o"), ("val_", "-s")]:
             values = history.get(prefix + metric, [])
-            ax.plot(range(1, len(values) + 1), values, style, label=(prefix or "train_") + metric)
-        ax.set_xlabel("epoch")
+            ax.plot(range(len(values)), values, style, label=(prefix or "train_") + metric)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("epoch (the step of epoch_* metrics in MLflow)")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend()

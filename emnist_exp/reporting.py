@@ -48,6 +48,12 @@ def trial_rows(runs) -> list[dict]:
     return sorted(rows, key=lambda r: r["trial"])
 
 
+def member_label(run_name: str) -> str:
+    """A trial's architecture and number for a bar label: "vgg5-32 noaug bn drop0.3 #002" -> "vgg5-32 #002"."""
+    words = run_name.split(" ")
+    return " ".join(words[:1] + words[-1:]) if len(words) > 1 else run_name
+
+
 def ensemble_rows(runs) -> list[dict]:
     """One row per ensemble run (newest first), with its members' accuracies."""
     rows = []
@@ -140,7 +146,7 @@ def figures(trials: list[dict], ensembles: list[dict]) -> dict[str, object]:
             out[f"{FOLDER}/{name}"] = plots.on_off(groups(done, switch), f"{title}: off against on")
     if ensembles:
         latest = ensembles[0]
-        names = {r["run_id"]: r["name"].split(" ")[0] for r in trials}
+        names = {r["run_id"]: member_label(r["name"]) for r in trials}
         labels = [names.get(m, m[:8]) for m in latest["members"]] + [f"ensemble ({latest['strategy']})"]
         out[f"{FOLDER}/ensemble_vs_members.png"] = plots.ensemble_vs_members(
             labels, latest["member_val"] + [latest["val_accuracy"]],

@@ -37,6 +37,7 @@ class TrialSpec:
         return dataclasses.asdict(self)
 
     def short_name(self) -> str:
-        """What a run list should show at a glance."""
-        on = lambda flag: "on" if flag else "off"  # noqa: E731
-        return f"{self.arch}-{self.width} aug={on(self.augment)} bn={on(self.batch_norm)} drop={self.dropout:.2f}"
+        """What a run list should show at a glance: `vgg5-32 noaug bn drop0.3`."""
+        augment = "aug" if self.augment else "noaug"
+        batch_norm = "bn" if self.batch_norm else "nobn"
+        return f"{self.arch}-{self.width} {augment} {batch_norm} drop{self.dropout:.2g}"

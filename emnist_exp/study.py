@@ -15,6 +15,7 @@ import optuna
 from emnist_exp import signals, storage as storages
 from emnist_exp.tracking import runs
 from emnist_exp.config import Config
+from emnist_exp.search import FIRST_POINTS
 
 MAX_RETRY = 3  # a trial whose worker died runs again at most this often
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -114,8 +115,12 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
 def make_study(cfg: Config, storage: optuna.storages.BaseStorage) -> optuna.Study:
     # constant_liar: workers treat each other's running trials as bad, so they don't all sample one point.
     sampler = TrialSeededTPE(cfg.seed, constant_liar=True)
-    return optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler,
-                               pruner=make_pruner(cfg.pruner), direction="maximize", load_if_exists=True)
+    study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler,
+                                pruner=make_pruner(cfg.pruner), direction="maximize", load_if_exists=True)
+    for params in FIRST_POINTS.get(cfg.space, []):
+        # skip_if_exists: a continued study, or a second worker, does not queue them again
+        study.enqueue_trial(params, skip_if_exists=True)
+    return study
 
 
 class TrialCap:

@@ -32,6 +32,12 @@ class TrainResult:
         return len(self.history.get("loss", []))
 
     @property
+    def best_epoch(self) -> int:
+        """The epoch (from 0) whose weights the model holds: EarlyStopping restores the first best val_accuracy."""
+        values = self.history.get("val_accuracy", [])
+        return int(np.argmax(values)) if values else max(0, self.epochs_run - 1)
+
+    @property
     def val_accuracy(self) -> float:
         return accuracy(self.val_probs, self.val_labels)
 

@@ -34,7 +34,7 @@ def test_each_architecture_trains_a_step_and_round_trips_through_mlflow(arch, ba
     with runs.trial_run("members", 0, spec, seed=0, extra_params={}) as run:
         models.log_keras_model(net, classes, images[:4])
     logged = mlflow.get_run(run.info.run_id)
-    assert logged.info.run_name == f"trial-000 {arch}-16 aug=off bn=on drop=0.40"
+    assert logged.info.run_name == f"{arch}-16 noaug bn drop0.4 #000"
     assert logged.data.tags["arch"] == arch and logged.data.params["arch"] == arch
     back = models.load_keras_model(run.info.run_id)
     assert back.count_params() == net.count_params()

@@ -21,8 +21,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from emnist_exp import data
-from emnist_exp.tracking import experiments, queries, tags
+from emnist_exp import data, plots
+from emnist_exp.tracking import experiments, queries, tags, views
 from emnist_exp.classes import BYMERGE_CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,13 +48,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo(workdir) -> dict:
-    """`make demo`'s two commands, shrunk (2 trials of 1 epoch), with no experiment named anywhere."""
+    """`make demo`'s two commands, shrunk (3 trials of 2 epochs on 600 images), with no experiment named anywhere."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")}
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     train = run([str(BIN / "mlflow"), "run", str(ROOT), "-e", "train", "--env-manager", "local",
-                 "-P", "preset=quick", "-P", f"study={STUDY}", "-P", "dataset=synthetic:600", "-P", "n_trials=2",
-                 "-P", "epochs=1", "-P", "pruner=none", "-P", f"storage=sqlite:///{workdir / 'optuna.db'}"], env, workdir)
-    ensemble = run([sys.executable, "-m", "emnist_exp.ensemble", "--study", STUDY, "--top", "2"], env, workdir)
+                 "-P", "preset=quick", "-P", f"study={STUDY}", "-P", "dataset=synthetic:600", "-P", "n_trials=3",
+                 "-P", "epochs=2", "-P", "pruner=none", "-P", f"storage=sqlite:///{workdir / 'optuna.db'}"], env, workdir)
+    ensemble = run([sys.executable, "-m", "emnist_exp.ensemble", "--study", STUDY, "--top", "3"], env, workdir)
     return {"train": train, "ensemble": ensemble}
 
 
@@ -65,13 +65,13 @@ def test_mlflow_run_puts_the_study_in_its_own_experiment_for_the_model_training_
     assert experiment.tags[experiments.EXPERIMENT_KIND_TAG] == "custom_model_development"
     runs = [*queries.study_runs(STUDY, "study"), *queries.study_runs(STUDY, "trial"),
             *queries.study_runs(STUDY, "ensemble")]
-    assert len(runs) == 1 + 2 + 1
+    assert len(runs) == 1 + 3 + 1
     assert {r.info.experiment_id for r in runs} == {experiment.experiment_id}
     parent = queries.study_runs(STUDY, "study")[0]
     assert parent.info.run_name == f"study-{STUDY}"
     assert parent.data.tags[tags.WORKER_TAG].startswith(f"{socket.gethostname()} seed 0 pid ")
     assert parent.data.tags["mlflow.project.entryPoint"] == "train"  # `mlflow run`'s tags came along
-    assert parent.data.params["preset"] == "quick" and parent.data.params["config.epochs"] == "1"
+    assert parent.data.params["preset"] == "quick" and parent.data.params["config.epochs"] == "2"
     # `mlflow run`'s own run in Default handed over to the parent; the ensemble's start deleted it.
     default = client.search_runs([experiments.DEFAULT_EXPERIMENT_ID], run_view_type=mlflow.entities.ViewType.ALL)
     replaced = [r for r in default if r.data.tags.get(tags.MOVED_TAG) == parent.info.run_id]
@@ -79,6 +79,37 @@ def test_mlflow_run_puts_the_study_in_its_own_experiment_for_the_model_training_
     assert replaced[0].info.status == "FINISHED"
     assert replaced[0].info.end_time > int(replaced[0].data.tags[tags.HANDED_OVER_TAG])  # `mlflow run` ended it
     assert client.search_runs([experiments.DEFAULT_EXPERIMENT_ID], f"tags.`{tags.MOVED_TAG}` LIKE '%'") == []
+
+
+def test_the_demo_trials_are_distinct_variants_named_by_what_differs_first(demo):
+    trials = queries.study_runs(STUDY, "trial")
+    names = sorted(t.info.run_name for t in trials)
+    assert len(set(names)) == 3, names
+    variants = {tuple(t.data.params[p] for p in ("arch", "augment", "batch_norm", "dropout")) for t in trials}
+    assert len(variants) == 3 and len({v[0] for v in variants}) >= 2  # architectures differ too
+    for trial in trials:
+        params, number = trial.data.params, int(trial.data.tags[tags.TRIAL_TAG])
+        assert trial.info.run_name.startswith(f"{params['arch']}-{params['width']} ")
+        assert trial.info.run_name.endswith(f" #{number:03d}")
+        assert trial.data.tags["mlflow.runColor"] == plots.trial_colour(number)
+
+
+def test_the_printed_address_opens_a_saved_view_of_the_trials_sorted_by_validation_accuracy(demo):
+    experiment = MlflowClient().get_experiment_by_name(STUDY)
+    envelope = json.loads(experiment.tags[views.SHARED_VIEW_PREFIX + views.RUNS_VIEW_KEY])
+    assert envelope["name"] == views.RUNS_VIEW_NAME and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])  # the UI parses the state as JSON (or inflates it when it starts "deflate;")
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`val_accuracy`", False)
+    # Every column the view shows is filled for every trial: the names match what the trials log.
+    trials = queries.study_runs(STUDY, "trial")
+    shown = [re.fullmatch(r"(\w+)\.`(.+)`", c).groups() for c in state["selectedColumns"]]
+    assert {k for kind, k in shown if kind == "params"} >= {"arch", "augment", "dropout", "batch_norm", "learning_rate"}
+    assert {k for kind, k in shown if kind == "metrics"} == {"val_accuracy", "test_accuracy"}
+    for trial in trials:
+        for kind, key in shown:
+            if kind in ("params", "metrics"):
+                assert key in getattr(trial.data, kind), (kind, key)
+    assert f"viewStateShareKey={views.RUNS_VIEW_KEY}&" in demo["ensemble"].stdout
 
 
 def test_every_trial_run_has_its_three_splits_as_dataset_inputs(demo):
@@ -120,6 +151,28 @@ def test_trial_models_are_logged_models_ranked_by_validation_accuracy(demo):
     assert values == sorted(values, reverse=True)
 
 
+def test_a_trial_models_epoch_metrics_are_those_of_the_epoch_its_weights_come_from(demo):
+    """EarlyStopping keeps the best epoch's weights; the LoggedModel shows that epoch, not the run's first."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(STUDY).experiment_id
+    trials = {r.info.run_id: r for r in queries.study_runs(STUDY, "trial")}
+    models = [m for m in mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+              if m.source_run_id in trials]
+    assert len(models) == len(trials) == 3
+    for model in models:
+        run = trials[model.source_run_id]
+        history = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "epoch_val_accuracy"),
+                                           key=lambda m: m.step)]
+        assert len(history) == 2
+        best = history.index(max(history))  # EarlyStopping's restore: the first best epoch
+        linked = {m.key: m for m in model.metrics}
+        for key in ("epoch_val_accuracy", "epoch_accuracy", "epoch_loss", "epoch_val_loss"):
+            steps = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+            assert (linked[key].step, linked[key].value) == (best, steps[best]), key
+        # the epoch's accuracy as Keras measured it is the model's final val_accuracy (predicted again after fit)
+        assert linked["epoch_val_accuracy"].value == pytest.approx(run.data.metrics["val_accuracy"], abs=1e-6)
+
+
 def test_the_ensemble_is_a_logged_model_that_loads_without_warnings_and_answers_top_k(demo):
     ensemble = queries.study_runs(STUDY, "ensemble")[0]
     models = mlflow.search_logged_models(filter_string=f"source_run_id = '{ensemble.info.run_id}'",
@@ -145,14 +198,14 @@ def test_the_ensemble_is_a_logged_model_that_loads_without_warnings_and_answers_
 def test_make_demo_commands_print_no_warning_lines(demo):
     assert warning_lines(demo["train"], demo["ensemble"]) == []
     err = demo["train"].stderr
-    assert f"[{STUDY}] trial 2 of 2" in err and "dataset synthetic:600: 47 classes" in err
+    assert f"[{STUDY}] trial 3 of 3" in err and "dataset synthetic:600: 47 classes" in err
     assert "ensemble (soft)" in demo["ensemble"].stdout
-    # MLflow 3.17's UI follows its GenAI / Model training switch: the printed address sets it.
+    # MLflow 3.17's UI follows its GenAI / Model training switch: the printed address sets it, and opens the saved view.
     experiment = MlflowClient().get_experiment_by_name(STUDY).experiment_id
-    address = f"/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    address = f"/#/experiments/{experiment}/runs?viewStateShareKey={views.RUNS_VIEW_KEY}&workflowType=machine_learning"
     assert address in err and address in demo["ensemble"].stdout
     epochs = [line for line in demo["train"].stdout.splitlines() if line.startswith("epoch ")]
-    assert len(epochs) == 2 and "Epoch 1/1" not in demo["train"].stdout  # one line per epoch
+    assert len(epochs) == 3 * 2 and "Epoch 1/2" not in demo["train"].stdout  # one line per epoch
 
 
 def test_a_named_experiment_is_kept(workdir):

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from emnist_exp import config
 from emnist_exp.errors import UserError
@@ -66,12 +70,40 @@ def test_train_flags_cover_every_config_field():
     assert {f"--{name}" for name in config.FIELDS} <= flags
 
 
-def test_conda_env_and_pyproject_list_the_same_dependencies():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+def locked_versions() -> dict[str, Version]:
+    """requirements.lock as {canonical name: pinned version}; a line's marker (`; sys_platform == ...`) is dropped."""
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        text = line.split("#", 1)[0].split(";", 1)[0].strip()
+        if text:
+            requirement = Requirement(text)
+            (spec,) = requirement.specifier  # one `==` pin a line, nothing else
+            assert spec.operator == "==", line
+            pins[canonicalize_name(requirement.name)] = Version(spec.version)
+    return pins
+
+
+def test_the_lock_pins_every_pyproject_dependency_within_its_range():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    pins = locked_versions()
+    for requirement in wanted:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement} is not in requirements.lock: run `make lock`"
+        assert requirement.specifier.contains(pins[name], prereleases=True), \
+            f"requirements.lock pins {name}=={pins[name]}, outside pyproject.toml's {requirement}: run `make lock`"
+        for extra in requirement.extras:  # psycopg[binary] brings psycopg-binary
+            assert canonicalize_name(f"{name}-{extra}") in pins, f"{requirement}: its extra is not locked"
+
+
+def test_conda_env_installs_the_lock():
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())["dependencies"]
     pip = next(d["pip"] for d in conda if isinstance(d, dict))
-    assert sorted(pip) == sorted(pyproject)
-    assert "python=3.11" in conda
+    assert pip == ["-r requirements.lock"]
+    version = Version(next(d for d in conda if isinstance(d, str) and d.startswith("python=")).split("=")[1])
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert SpecifierSet(requires).contains(version)
+    assert "--python-version 3.11" in (ROOT / "Makefile").read_text() and version == Version("3.11")
 
 
 def test_presets_are_valid_and_resolve(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ def test_fixed_trial_gives_the_spec_it_describes():
     fields = {k: v for k, v in params.items() if k != "resnet_width"}
     assert spec == TrialSpec(**fields, width=16)
     assert spec_from_params(params) == spec
-    assert spec.short_name() == "resnet-16 aug=on bn=off drop=0.30"
+    assert spec.short_name() == "resnet-16 aug nobn drop0.3"
 
 
 def test_augmentation_off_asks_for_no_strengths():

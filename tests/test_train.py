@@ -30,8 +30,9 @@ def test_runs_form_a_tree_with_params_and_per_epoch_metrics(tiny_study):
     assert len(mine) == 3
     client = MlflowClient()
     for child in mine:
-        assert child.info.run_name.startswith(f"trial-{int(child.data.tags['optuna.trial_number']):03d} "
-                                              f"{child.data.params['arch']}-{child.data.params['width']} aug=")
+        number = int(child.data.tags["optuna.trial_number"])
+        assert child.info.run_name.startswith(f"{child.data.params['arch']}-{child.data.params['width']} ")
+        assert child.info.run_name.endswith(f" #{number:03d}")
         assert child.data.tags["arch"] == child.data.params["arch"]
         assert child.data.tags["optuna.state"] == "COMPLETE" and child.info.status == "FINISHED"
         assert set(TrialSpec().params()) <= set(child.data.params)

@@ -8,7 +8,8 @@
 - datasets: the splits as MLflow dataset inputs;
 - results: what a finished trial or study leaves in its run (metrics, predictions, plots);
 - models: LoggedModels of trials and ensembles, the exported graph, the registry;
-- queries: reading the store back (latest study, finished trials, a study's runs).
+- queries: reading the store back (latest study, finished trials, a study's runs);
+- views: the curated runs table (a saved view of the UI) that the printed address opens.
 
 Callers import the room they need: `from emnist_exp.tracking import runs`.
 """

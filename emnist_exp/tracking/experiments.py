@@ -11,6 +11,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from emnist_exp.errors import UserError
+from emnist_exp.tracking.views import RUNS_VIEW_KEY
 
 # The MLflow 3 UI opens an experiment in the view this tag names (its JS bundle reads
 # `mlflow.experimentKind`); without it an experiment may open on the GenAI overview.
@@ -54,15 +55,16 @@ def beside_default(client: mlflow.MlflowClient, name: str) -> str | None:
 
 
 def experiment_url(experiment_id: str) -> str:
-    """Where the experiment's runs are in the UI, in its model-training view.
+    """Where the experiment's curated runs table is in the UI (views.write_runs_view), in the model-training view.
 
-    MLflow 3.17's UI opens experiments in the view of its GenAI / Model training switch (kept in
-    the browser, GenAI at first) and reads the experiment's kind tag only without that switch;
-    `workflowType` in the address sets the switch.
+    MLflow 3.17's UI shows the GenAI or the Model training side of its sidebar switch: the address's
+    `workflowType` if it has one, else the browser's localStorage (`mlflow.workflowType_v1`, GenAI until
+    the user clicks the switch). Links inside the UI (a run, the breadcrumb) carry no `workflowType`,
+    and nothing a server or store holds reaches that localStorage, so only the click makes it stick.
     """
     uri = mlflow.get_tracking_uri()
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning"
 
 
 def chosen_experiment() -> str | None:

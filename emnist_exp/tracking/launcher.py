@@ -18,6 +18,7 @@ from emnist_exp.tracking.experiments import (
     use_experiment,
 )
 from emnist_exp.tracking.tags import HANDED_OVER_TAG, MOVED_TAG
+from emnist_exp.tracking.views import write_runs_view
 
 
 def start_entry_run(*, run_name: str, tags: dict[str, str], experiment: str = "",
@@ -42,6 +43,7 @@ def start_entry_run(*, run_name: str, tags: dict[str, str], experiment: str = ""
     target = chosen or experiment_id or study_experiment(experiment)
     if EXPERIMENT_KIND_TAG not in client.get_experiment(target).tags:  # a user's experiment, or an older one
         client.set_experiment_tag(target, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    write_runs_view(target)  # what the address that train and ensemble print opens
     use_experiment(target)
     if outer is not None and chosen:
         return mlflow.start_run(run_id=launched, run_name=run_name, tags=tags)

@@ -28,14 +28,18 @@ def _pip_requirements() -> list[str]:
     return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"numpy=={np.__version__}"]
 
 
-def log_keras_model(model: keras.Model, classes: tuple[str, ...], example: np.ndarray) -> str:
-    """The model as an MLflow LoggedModel (raw-pixel input, signature, class list); returns its model id."""
+def log_keras_model(model: keras.Model, classes: tuple[str, ...], example: np.ndarray, step: int = 0) -> str:
+    """The model as an MLflow LoggedModel (raw-pixel input, signature, class list); returns its model id.
+
+    `step` is the epoch whose weights the model holds: MLflow links the run's metrics logged at
+    that step (the epoch_* ones) to the LoggedModel, so its page shows that epoch's numbers.
+    """
     example = example.astype(np.float32)
     signature = infer_signature(example, model.predict(example, verbose=0))
     # No input_example: mlflow 3.17's keras log_model writes it before it creates the model folder
     # and fails (mlflow#16183). The signature alone still makes a LoggedModel.
     info = mlflow.keras.log_model(model, name=MODEL_NAME, signature=signature, pip_requirements=_pip_requirements(),
-                                  metadata=serving.classes_metadata(classes))
+                                  metadata=serving.classes_metadata(classes), step=step)
     return info.model_id
 
 

@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import optuna
 
+from emnist_exp import plots
 from emnist_exp.spec import TrialSpec
 from emnist_exp.tracking.launcher import kept_after_launcher, start_entry_run
 from emnist_exp.tracking.store import prepare_local_store
@@ -71,8 +72,12 @@ def _ending(run: mlflow.ActiveRun, on_error: str = "FAILED", launcher: int | Non
 # `mlflow run` sets its run's status after its child exits unless the run is already terminated, but
 
 
+RUN_COLOUR_TAG = "mlflow.runColor"  # the UI's colour for a run in its charts and table
+
+
 def trial_run_name(number: int, spec: TrialSpec) -> str:
-    return f"trial-{number:03d} {spec.short_name()}"
+    """What differs first, so it shows in the UI's narrow Run Name column; the trial number last."""
+    return f"{spec.short_name()} #{number:03d}"
 
 
 @contextlib.contextmanager
@@ -80,7 +85,8 @@ def trial_run(study: str, number: int, spec: TrialSpec, seed: int, extra_params:
               policy: str = "float32") -> Iterator[mlflow.ActiveRun]:
     """A nested child run for one trial, trained in the Keras dtype `policy`. It ends as the trial did."""
     tags = {ROLE_TAG: "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING", "arch": spec.arch,
-            "aug": "on" if spec.augment else "off", "bn": "on" if spec.batch_norm else "off", PRECISION_TAG: policy}
+            "aug": "on" if spec.augment else "off", "bn": "on" if spec.batch_norm else "off", PRECISION_TAG: policy,
+            RUN_COLOUR_TAG: plots.trial_colour(number)}
     run = mlflow.start_run(run_name=trial_run_name(number, spec), nested=True, tags=tags)
     status = "FAILED"
     try:
