@@ -17,8 +17,10 @@ def redact(url: str) -> str:
     from sqlalchemy.engine import make_url  # noqa: PLC0415
 
     url = str(url)
+    if "@" not in url:  # no user information, nothing to hide there: the URL as it was written
+        return SECRET_QUERY.sub(r"\1***", url)
     try:
-        text = make_url(url).render_as_string(hide_password=True) if url.count("@") <= 1 else None
+        text = make_url(url).render_as_string(hide_password=True) if url.count("@") == 1 else None
     except Exception:  # noqa: BLE001 (ArgumentError, ValueError: a malformed URL)
         text = None
     if text is None or text.startswith(("http://", "https://")):

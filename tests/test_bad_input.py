@@ -81,7 +81,7 @@ def test_an_idx_images_file_that_is_a_folder_is_one_sentence(tmp_path):
     assert not (tmp_path / "tfds").exists()
 
 
-def test_evaluate_checks_every_split_of_an_expression(tmp_path, capfd):
+def test_evaluate_checks_every_split_of_an_expression(workdir, tmp_path, capfd):
     """`test[:10]+nosuch[:5]` parses; its second split does not exist, and that is said before a model loads."""
     from idxfiles import write_idx_folder
 
@@ -236,3 +236,4 @@ def test_a_postgresql_storage_naming_no_database_is_refused(workdir, capfd, tmp_
         tables = conn.execute(sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).all()
     engine.dispose()
     assert tables == [], "Optuna's tables were written into the role's own database"
+
