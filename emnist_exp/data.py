@@ -110,7 +110,7 @@ def unknown_tfds(spec: str, exc: Exception) -> str:
     except Exception:  # noqa: BLE001 (no such dataset, or one without configs)
         configs = []
     if configs and config.partition(":")[0] not in configs:
-        return f"unknown dataset {spec!r}: tfds {name} has the configs {', '.join(configs)}, e.g. {name}/{configs[0]}."
+        return f"unknown tfds dataset {spec!r}: {name} has the configs {', '.join(configs)}, e.g. {name}/{configs[0]}."
     first = str(exc).strip().splitlines()[0].rstrip(" :.") if str(exc).strip() else type(exc).__name__
     return f"unknown tfds dataset {spec!r}: {first}."
 

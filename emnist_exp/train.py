@@ -71,10 +71,11 @@ def run(argv: list[str] | None = None) -> int:
     console.quiet(verbose=bool(args.pop("verbose")))
     cfg = resolve(args)
     from emnist_exp import data, storage, study as studies  # noqa: PLC0415
-    from emnist_exp.tracking import experiments, results, runs  # noqa: PLC0415
+    from emnist_exp.tracking import experiments, results, runs, store  # noqa: PLC0415
     from emnist_exp.objective import Objective  # noqa: PLC0415
 
     console.quiet_libraries()
+    store.check_store()  # both stores before anything is made in either, or any data is read
     study = studies.open_study(cfg)
     callbacks, cap = studies.worker_callbacks(cfg, study)
     if cap and not cap.has_room(study, hold=False):  # before the data: a late worker leaves at once

@@ -237,3 +237,85 @@ def test_a_postgresql_storage_naming_no_database_is_refused(workdir, capfd, tmp_
     engine.dispose()
     assert tables == [], "Optuna's tables were written into the role's own database"
 
+
+
+# ---- the MLflow tracking store --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tracking_uri(workdir):
+    """Set this process's MLflow tracking URI (and MLFLOW_TRACKING_URI, which MLflow sets with it) for one test."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    yield mlflow.set_tracking_uri
+    mlflow.set_tracking_uri(before)
+
+
+@pytest.mark.parametrize("uri, says", [
+    ("http://127.0.0.1:{closed}", "does not answer (Connection refused)"),  # MLflow itself retries for minutes
+    ("foo://bar", "has the scheme 'foo', which MLflow has no store for"),
+])
+def test_a_tracking_uri_mlflow_cannot_reach_is_one_sentence(capfd, tmp_path, tracking_uri, uri, says):
+    tracking_uri(uri.replace("{closed}", str(free_port())))
+    line = train_refuses(capfd, tmp_path)
+    assert line.startswith("error: MLFLOW_TRACKING_URI ") and says in line, line
+
+
+def test_a_tracking_database_that_does_not_exist_is_one_sentence(capfd, tmp_path, tracking_uri, pg_url):
+    from sqlalchemy.engine import make_url
+
+    tracking_uri(make_url(pg_url).set(database="emnist_no_such_db", password=SECRET).render_as_string(
+        hide_password=False))
+    line = train_refuses(capfd, tmp_path)
+    assert "MLFLOW_TRACKING_URI" in line and 'database "emnist_no_such_db" does not exist' in line, line
+    assert "Sekr3t" not in line and "***" in line
+
+
+def test_a_tracking_store_in_a_missing_folder_is_refused_and_not_made(capfd, tmp_path, tracking_uri):
+    """sqlite:////<missing>/dir/m.db: the folders are the user's to make, here at the root of the file system."""
+    from emnist_exp import stores
+
+    top = Path(f"/emnist-no-such-{uuid.uuid4().hex[:8]}")
+    tracking_uri(f"sqlite:///{top / 'dir' / 'm.db'}")
+    line = train_refuses(capfd, tmp_path)
+    assert f"MLFLOW_TRACKING_URI sqlite:///{top}/dir/m.db is in the folder {top}/dir, which does not exist" in line
+    assert stores.main(["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]) == 2
+    assert "which does not exist" in one_error_line(capfd)
+    assert not top.exists()
+
+
+@pytest.mark.slow  # MLflow creates its tables in a fresh PostgreSQL database: seconds, not the fast tier's
+def test_a_password_in_the_tracking_uri_is_never_printed(capfd, tmp_path, tracking_uri, pg_url):
+    """The stores' "ready" line and ensemble's sentences name the tracking store, with its password hidden."""
+    from sqlalchemy.engine import make_url
+
+    from emnist_exp import ensemble, stores
+
+    name = f"emnist_ci_{uuid.uuid4().hex[:10]}"
+    admin_sql(pg_url, f'CREATE DATABASE "{name}"')
+    try:
+        tracking_uri(make_url(pg_url).set(database=name, password=SECRET).render_as_string(hide_password=False))
+        assert stores.main(["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]) == 0
+        out, err = capfd.readouterr()
+        assert "are ready" in out and f"postgres:***@127.0.0.1:5432/{name}" in out, out + err
+        assert "Sekr3t" not in out + err
+        for args, says in [(["--runs", "garbage"], "there is no run garbage in the tracking store"),
+                           (["--experiment", "nosuch"], "there is no experiment 'nosuch' in the tracking store")]:
+            assert ensemble.main([*args, "--no-register"]) == 2
+            line = one_error_line(capfd)
+            assert says in line and "postgres:***@" in line and "Sekr3t" not in line, line
+    finally:
+        admin_sql(pg_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_redact_hides_the_password_of_every_kind_of_url():
+    from emnist_exp.redaction import redact
+
+    for url in [f"http://user:{SECRET.replace('@', '%40')}@mlflow.example:5000",
+                "https://user:Sekr3t@mlflow.example/#/experiments/1",
+                "https://mlflow.example/api?token=Sekr3t&x=1",
+                "postgresql://postgres:Sekr3t@127.0.0.1/mlflow"]:
+        assert "Sekr3t" not in redact(url) and "***" in redact(url), redact(url)
+    assert redact("https://user:Sekr3t@mlflow.example/#/experiments/1") == "https://user:***@mlflow.example/#/experiments/1"
+    assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

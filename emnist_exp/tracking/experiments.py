@@ -11,6 +11,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from emnist_exp.errors import UserError
+from emnist_exp.redaction import redact
 
 # The MLflow 3 UI opens an experiment in the view this tag names (its JS bundle reads
 # `mlflow.experimentKind`); without it an experiment may open on the GenAI overview.
@@ -60,7 +61,7 @@ def experiment_url(experiment_id: str) -> str:
     the browser, GenAI at first) and reads the experiment's kind tag only without that switch;
     `workflowType` in the address sets the switch.
     """
-    uri = mlflow.get_tracking_uri()
+    uri = redact(mlflow.get_tracking_uri())
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
@@ -95,5 +96,5 @@ def experiment_id(name_or_id: str) -> str:
             found = mlflow.get_experiment(name_or_id)
         except mlflow.exceptions.MlflowException:
             raise UserError(f"there is no experiment {name_or_id!r} in the tracking store "
-                            f"{mlflow.get_tracking_uri()}.") from None
+                            f"{redact(mlflow.get_tracking_uri())}.") from None
     return found.experiment_id
