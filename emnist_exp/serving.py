@@ -49,7 +49,7 @@ class ProjectModel:
         try:
             pixels = to_pixels(images)
         except ValueError as exc:
-            raise UserError(f"the model takes a batch of 28x28 images of {PIXEL_CONTRACT}: {exc}.") from None
+            raise UserError(f"the model takes a batch of 28x28 images: {exc}.") from None
         out = np.asarray(self.scores(pixels), dtype=np.float64)
         if out.shape != (len(pixels), len(self.classes)):
             raise UserError(f"model {self.uri} gave scores of shape {out.shape} for {len(pixels)} images and "
@@ -81,7 +81,7 @@ def load_model(uri: str) -> ProjectModel:
     return ProjectModel(uri, classes, inner.vote)
 
 
-PIXEL_CONTRACT = "0-255 pixels, or floats from 0 to 1"  # what every logged model takes
+PIXEL_CONTRACT = "numbers from 0 to 255 (or floats from 0 to 1)"  # what every logged model takes
 
 
 def to_pixels(images) -> np.ndarray:
@@ -93,7 +93,7 @@ def to_pixels(images) -> np.ndarray:
     x = np.asarray(images.to_numpy() if isinstance(images, pd.DataFrame) else images)
     if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         kind = "booleans" if x.dtype == np.bool_ else f"values of type {x.dtype}"
-        raise ValueError(f"pixels must be numbers ({PIXEL_CONTRACT}), got {kind}")
+        raise ValueError(f"pixels must be {PIXEL_CONTRACT}, got {kind}")
     if x.ndim == 2 and x.shape[-1] == 784:
         x = x.reshape(-1, 28, 28)
     if x.ndim and x.shape[-1] != 1:

@@ -1,4 +1,4 @@
-"""Bad settings and names where they enter: one sentence, a non-zero exit, and nothing made that the user did not ask for.
+"""Bad settings and names where they enter: one sentence, a non-zero exit, nothing made the user did not ask for.
 
 The stores' settings (MLFLOW_TRACKING_URI, the Optuna storage) are checked before any study, run or
 data folder exists; names and split expressions where they are read. Real stores throughout: SQLite
@@ -173,6 +173,23 @@ def test_the_readmes_rest_example_answers_with_the_served_fields():
     assert [list(row) for row in rows] == [list(served.columns)] * len(rows)
 
 
+@pytest.mark.parametrize("images, says", [
+    (np.full((1, 28, 28), np.nan), "got NaN or infinity"),
+    (np.full((1, 28, 28), -1.0), "got values from -1 to -1"),
+    (np.full((1, 28, 28), 256, np.int64), "got values from 256 to 256"),
+    (np.ones((1, 28, 28), bool), "got booleans"),
+    (np.full((1, 28, 28), "7"), "got values of type <U1"),
+])
+def test_pixels_outside_the_model_contract_are_refused(images, says):
+    """What serving, predict and evaluate give a model: 0-255 (or 0-1 floats); the rest has no brightness."""
+    from emnist_exp import serving
+
+    with pytest.raises(ValueError, match=f"pixels must be numbers from 0 to 255 \\(or floats from 0 to 1\\), {says}"):
+        serving.to_pixels(images)
+    np.testing.assert_array_equal(serving.to_pixels(np.full((1, 28, 28), 0.5)), np.full((1, 28, 28, 1), 127.5))
+    np.testing.assert_array_equal(serving.to_pixels(np.full((1, 28, 28), 200, np.uint8)), np.full((1, 28, 28, 1), 200))
+
+
 # ---- the Optuna storage ------------------------------------------------------------------------------------
 
 
@@ -317,5 +334,6 @@ def test_redact_hides_the_password_of_every_kind_of_url():
                 "https://mlflow.example/api?token=Sekr3t&x=1",
                 "postgresql://postgres:Sekr3t@127.0.0.1/mlflow"]:
         assert "Sekr3t" not in redact(url) and "***" in redact(url), redact(url)
-    assert redact("https://user:Sekr3t@mlflow.example/#/experiments/1") == "https://user:***@mlflow.example/#/experiments/1"
+    shown = redact("https://user:Sekr3t@mlflow.example/#/experiments/1")
+    assert shown == "https://user:***@mlflow.example/#/experiments/1"
     assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

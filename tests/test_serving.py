@@ -151,17 +151,18 @@ def test_out_of_contract_input_gets_400_and_the_project_sentence(server):
     images = characters().astype(np.float64)
     flooded = images.copy()
     flooded[0, 0, 0] = np.nan
+    top_k = "top_k must be a whole number between 1 and 47, got {}."
     cases = [
-        ({"inputs": images.tolist(), "params": {"top_k": 0}}, "top_k must be a whole number between 1 and 47, got 0."),
-        ({"inputs": images.tolist(), "params": {"top_k": 1000}}, "top_k must be a whole number between 1 and 47, got 1000."),
+        *[({"inputs": images.tolist(), "params": {"top_k": k}}, top_k.format(k)) for k in (0, 1000)],
         ({"inputs": np.full((2, 27, 27), 200.0).tolist()}, "expected a batch of 28x28 images, got shape (2, 27, 27)."),
-        ({"inputs": flooded.tolist()}, "pixels must be 0-255 pixels, or floats from 0 to 1, got NaN or infinity."),
+        ({"inputs": flooded.tolist()},
+         "pixels must be numbers from 0 to 255 (or floats from 0 to 1), got NaN or infinity."),
         ({"inputs": np.linspace(-500, 500, 3 * 784).reshape(3, 28, 28).tolist()},
-         "pixels must be 0-255 pixels, or floats from 0 to 1, got values from -500 to 500."),
+         "pixels must be numbers from 0 to 255 (or floats from 0 to 1), got values from -500 to 500."),
         ({"inputs": np.full((1, 28, 28), 1e300).tolist()},
-         "pixels must be 0-255 pixels, or floats from 0 to 1, got values from 1e+300 to 1e+300."),
+         "pixels must be numbers from 0 to 255 (or floats from 0 to 1), got values from 1e+300 to 1e+300."),
         ({"inputs": np.ones((1, 28, 28), bool).tolist()},
-         "pixels must be numbers (0-255 pixels, or floats from 0 to 1), got booleans."),
+         "pixels must be numbers from 0 to 255 (or floats from 0 to 1), got booleans."),
     ]
     for payload, sentence in cases:
         code, answer = post(server, json.dumps(payload).encode())

@@ -98,8 +98,8 @@ def prepare_local_store(repair: bool = False) -> str:
         except (mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError) as exc:
             # e.g. a migration killed between two of its statements: no leftover copy, a schema half changed
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise UserError(f"cannot open or upgrade the MLflow store {redact(uri)} ({reason}); its schema is changed in a "
-                            "way no repair here undoes, so restore it from a backup.") from None
+            raise UserError(f"cannot open or upgrade the MLflow store {redact(uri)} ({reason}); its schema is changed "
+                            "in a way no repair here undoes, so restore it from a backup.") from None
     return uri
 
 
