@@ -18,6 +18,9 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments"
 # loads: a folder that differs between machines is set there, not by editing the preset. The shell's
 # rule: the fallback applies when NAME is unset or empty.
 VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+# A study names its MLflow experiment, its runs (the longest, `ensemble-<study> weighted x100`, within
+# MLflow's 250 characters for a run name) and its artifact folder (a file name: 255 bytes on Linux).
+MAX_STUDY_BYTES = 200
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +90,8 @@ def _check(cfg: Config) -> Config:
         (cfg.shuffle_buffer >= 1, "shuffle_buffer must be at least 1"),
         (cfg.pruner in {"median", "hyperband", "none"}, "pruner must be median, hyperband or none"),
         (bool(cfg.study.strip()), "study must not be empty"),
+        (len(cfg.study.encode()) <= MAX_STUDY_BYTES, f"study must be at most {MAX_STUDY_BYTES} bytes long (UTF-8), "
+         f"got {len(cfg.study.encode())}: it names the study's MLflow experiment, its runs and its artifact folder"),
         (not ("'" in cfg.study and '"' in cfg.study), "study may hold ' or \" but not both: MLflow's search "
          "filters, which find a study's runs, cannot quote such a name"),
         (0 <= cfg.seed < 2**32, "seed must be between 0 and 4294967295 (2**32 - 1), the range NumPy and "

@@ -47,6 +47,9 @@ def quiet(verbose: bool = False) -> None:
     # int32 fallback; a real failure still raises in Python with its message.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at: <url>" for every run a tracking server ends, each trial's too;
+    # train and ensemble print the experiment's address once, in the view that shows the runs.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
     warnings.filterwarnings("ignore", message=".*is experimental.*")
     warnings.filterwarnings("ignore", message=".*regimes for parameter.*")

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -43,6 +44,15 @@ class Source:
             raise UserError(f"dataset {self.spec} has no {split!r} split (it has: {have}).")
         return splits[split].num_examples
 
+    def check_split(self, split: str) -> None:
+        """A split expression checked whole: its syntax, and every split it names (test[:10]+train[:5])."""
+        check_split_spec(split)
+        for name in SPLIT_NAME.findall(split):
+            self.num_examples(name.strip())
+
+
+SPLIT_NAME = re.compile(r"(?:^|\+)\s*([^\[+]+)")  # the names of `name[slice]+name[slice]`, as tfds parses them
+
 
 @dataclass(frozen=True)
 class Splits:
@@ -73,7 +83,7 @@ def _tfds_builder(spec: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     try:
         builder = tfds.builder(spec, data_dir=data_dir)
     except Exception as exc:  # tfds raises several types for unknown names and configs
-        raise UserError(f"unknown tfds dataset {spec!r}: {str(exc).splitlines()[0]}") from None
+        raise UserError(unknown_tfds(spec, exc)) from None
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     advice = ("prepare it on a machine with internet access and set TFDS_DATA_DIR to that folder, "
               "or pass idx:<folder> with the official EMNIST gzip files.")
@@ -88,6 +98,23 @@ def _tfds_builder(spec: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     return builder
 
 
+def unknown_tfds(spec: str, exc: Exception) -> str:
+    """One sentence for a tfds name tfds refused: the configs the dataset has, or tfds' own first line.
+
+    For an unknown config tfds 4.9 lists "BuilderConfigs whose name closely match" on later lines,
+    and the first line ends on that colon.
+    """
+    name, _, config = spec.partition("/")
+    try:
+        configs = sorted(tfds.builder_cls(name).builder_configs)
+    except Exception:  # noqa: BLE001 (no such dataset, or one without configs)
+        configs = []
+    if configs and config.partition(":")[0] not in configs:
+        return f"unknown tfds dataset {spec!r}: {name} has the configs {', '.join(configs)}, e.g. {name}/{configs[0]}."
+    first = str(exc).strip().splitlines()[0].rstrip(" :.") if str(exc).strip() else type(exc).__name__
+    return f"unknown tfds dataset {spec!r}: {first}."
+
+
 def _reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
     try:
         socket.create_connection((host, port), timeout=timeout).close()
@@ -98,14 +125,31 @@ def _reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
 
 @contextlib.contextmanager
 def preparation_lock(data_dir: str | None):
-    """One preparer per tfds folder on this machine: local workers starting together would each prepare."""
+    """One preparer per tfds folder on this machine: local workers starting together would each prepare.
+
+    The lock file lives in the temporary folder (the tfds folder may not exist yet, and bad input
+    must leave none) and is removed by its holder. A waiter that then wins the lock on the removed
+    file opens the path afresh: the lock that counts is always the one on the file at the path.
+    """
     import fcntl  # noqa: PLC0415
 
     folder = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     key = hashlib.sha1(os.path.realpath(os.path.expanduser(folder)).encode()).hexdigest()[:16]
-    with open(os.path.join(tempfile.gettempdir(), f"emnist_exp-prepare-{key}.lock"), "w") as handle:
+    path = os.path.join(tempfile.gettempdir(), f"emnist_exp-prepare-{key}.lock")
+    while True:
+        handle = open(path, "a")
         fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # the holder removed this file while we waited on it
+    try:
         yield
+    finally:
+        os.unlink(path)  # before the lock is freed, so that no one can take a lock on a file about to go
+        handle.close()
 
 
 def open_source(spec: str, data_dir: str | None = None) -> Source:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from emnist_exp import console
-from emnist_exp.errors import cli_main
+from emnist_exp.errors import UserError, cli_main
 from emnist_exp.voting import STRATEGIES
 
 
@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     from emnist_exp.tracking import experiments, models  # noqa: PLC0415
 
     console.quiet_libraries()
-    run_ids = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
+    run_ids = None if args.runs is None else [r.strip() for r in args.runs.split(",") if r.strip()]
+    if run_ids == []:  # not "no choice": the latest study would be ensembled instead
+        raise UserError(f"--runs {args.runs!r} names no run ids: pass trial run ids separated by commas.")
     study, runs = assembly.select_members(top=args.top, strategy=args.strategy, pool=args.pool, study=args.study,
                                           experiment=args.experiment, run_ids=run_ids)
     done = assembly.assemble(runs, study=study, strategy=args.strategy, reinfer=bool(args.reinfer),

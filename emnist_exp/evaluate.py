@@ -33,13 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     console.quiet()
     from emnist_exp import data, serving  # noqa: PLC0415
 
-    data.check_split_spec(args.split)
+    data.check_split_spec(args.split)  # before any data is read
     source = data.open_source(args.dataset, args.data_dir)
+    source.check_split(args.split)  # every split it names, before the model loads
     model = serving.load_model(args.model)
     if model.classes != source.classes:
         raise UserError(f"the model knows {len(model.classes)} classes and {args.dataset} has "
                         f"{len(source.classes)} different ones; evaluate it on a dataset with the same class list.")
-    source.num_examples(args.split.split("[")[0])  # a clear error for a missing split
     correct = total = 0
     for images, labels in data.read_split(source, args.split).batch(BATCH).as_numpy_iterator():
         predicted = model.class_scores(images).argmax(axis=1)

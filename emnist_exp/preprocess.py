@@ -38,8 +38,10 @@ INK_LEVEL = 0.5  # a NIST scan is binary: ink is where the character is at least
 def load_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image file, or raise a UserError that says in one sentence what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not an image file: name the images in it, e.g. {path}/*.png.")
     if not path.is_file():
-        raise UserError(f"{path}: no such file.")
+        raise UserError(f"{path}: no such file." if not path.exists() else f"{path} is not a regular file.")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty.")
     try:

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from emnist_exp import voting
 from emnist_exp.errors import UserError
@@ -79,19 +81,57 @@ def load_model(uri: str) -> ProjectModel:
     return ProjectModel(uri, classes, inner.vote)
 
 
+PIXEL_CONTRACT = "numbers from 0 to 255 (or floats from 0 to 1)"  # what every logged model takes
+
+
 def to_pixels(images) -> np.ndarray:
-    """A batch of 28x28 images (uint8 0..255, or float 0..1) as float32 pixels, shape (n, 28, 28, 1)."""
+    """A batch of 28x28 images (uint8 0..255, or float 0..1) as float32 pixels, shape (n, 28, 28, 1).
+
+    Anything else is a ValueError: booleans, text, NaN or infinity, and values outside 0..255 have
+    no brightness, and a model would still answer them with confident classes.
+    """
     x = np.asarray(images.to_numpy() if isinstance(images, pd.DataFrame) else images)
+    if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        kind = "booleans" if x.dtype == np.bool_ else f"values of type {x.dtype}"
+        raise ValueError(f"pixels must be {PIXEL_CONTRACT}, got {kind}")
     if x.ndim == 2 and x.shape[-1] == 784:
         x = x.reshape(-1, 28, 28)
-    if x.shape[-1] != 1:
+    if x.ndim and x.shape[-1] != 1:
         x = x[..., None]
     if x.shape[1:] != (28, 28, 1):
         raise ValueError(f"expected a batch of 28x28 images, got shape {np.asarray(images).shape}")
+    if x.size:
+        if not np.isfinite(x).all():
+            raise ValueError(f"pixels must be {PIXEL_CONTRACT}, got NaN or infinity")
+        low, high = x.min(), x.max()
+        if low < 0 or high > 255:
+            raise ValueError(f"pixels must be {PIXEL_CONTRACT}, got values from {low:g} to {high:g}")
+    floats = np.issubdtype(x.dtype, np.floating)
     x = x.astype(np.float32)
-    if not np.issubdtype(np.asarray(images).dtype, np.integer) and x.size and x.max() <= 1.0:
+    if floats and x.size and x.max() <= 1.0:
         x = x * 255.0
     return x
+
+
+class ContractError(MlflowException):
+    """Input outside the model contract, as MLflow's scoring server answers it: HTTP 400 with our sentence.
+
+    The server (mlflow.pyfunc.scoring_server.invocations, 3.17) answers any other exception with a
+    generic message and its stack trace, and prefixes an MlflowException's message with the whole
+    input ("Failed to predict data '<array>'"); this one keeps its own sentence.
+    """
+
+    def __init__(self, sentence: str):
+        self._sentence = sentence
+        super().__init__(sentence, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._sentence
+
+    @message.setter
+    def message(self, value: str) -> None:
+        pass  # the sentence stays as it was made
 
 
 class EnsembleModel(mlflow.pyfunc.PythonModel):
@@ -119,17 +159,14 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """The `top_k` best classes of each image (params, default 1): one row per image and rank, best first."""
-        top_k = int((params or {}).get("top_k", 1))
-        if not 1 <= top_k <= len(self.classes):
-            raise ValueError(f"top_k must be between 1 and {len(self.classes)}, got {top_k}")
+        top_k = (params or {}).get("top_k", 1)
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= len(self.classes):
+            raise ContractError(f"top_k must be a whole number between 1 and {len(self.classes)}, got {top_k!r}.")
         try:
             scores = self.class_scores(model_input)
         except ValueError as exc:  # bad input: the REST client gets our sentence, not a stack trace
-            from mlflow.exceptions import MlflowException  # noqa: PLC0415
-            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: PLC0415
-
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        return ranked_frame(scores, self.classes, top_k)
+            raise ContractError(f"{exc}.") from None
+        return ranked_frame(scores, self.classes, int(top_k))
 
 
 def ranked_frame(scores: np.ndarray, classes: tuple[str, ...], top_k: int) -> pd.DataFrame:

@@ -1,8 +1,9 @@
-"""Optuna storage URLs: parsing, redaction, driver checks, and opening an RDB storage with heartbeats."""
+"""Database URLs (the Optuna storage, a database MLflow store): parsing, checks, and an RDB storage with heartbeats."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 import warnings
@@ -11,59 +12,85 @@ from typing import Callable
 import optuna
 
 from emnist_exp.errors import UserError
+from emnist_exp.redaction import redact
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"  # beside mlflow.db, MLflow 3's default store
 SQLITE_TIMEOUT = 120  # seconds a local worker waits on another's write lock
 CONNECT_TIMEOUT = 10  # seconds before an unreachable database server is reported
 CREATE_RACE = re.compile(r"already exists|duplicate key|UNIQUE constraint failed")  # two workers, one new database
 URL_SHAPE = "dialect[+driver]://user[:password]@host[:port]/database, or sqlite:///file.db"
+IN_MEMORY = (None, "", ":memory:")  # SQLite databases that vanish with the process
 
 
-def redact(url: str) -> str:
-    """The storage URL without its password, fit for logs and error messages (even when malformed).
-
-    SQLAlchemy parses the URL, so a password is hidden whatever it holds (/, :, ?, #); a URL it
-    cannot parse, or one with a second @ (which it would split at the first), loses everything
-    between the user name and the last @.
-    """
-    from sqlalchemy.engine import make_url  # noqa: PLC0415
-
-    try:
-        text = make_url(url).render_as_string(hide_password=True) if url.count("@") <= 1 else None
-    except Exception:  # noqa: BLE001 (ArgumentError, ValueError: a malformed URL)
-        text = None
-    if text is None:
-        head, at, host = url.rpartition("@")
-        start = head.find("//") + 2 if "//" in head else 0
-        user, colon, _ = head[start:].partition(":")
-        text = f"{head[:start]}{user}:***@{host}" if at and colon else url
-    return re.sub(r"(password=)[^&]*", r"\1***", text, flags=re.IGNORECASE)
-
-
-def storage_url(url: str) -> "sqlalchemy.engine.URL":  # noqa: F821
-    """Parse and check a storage URL: its shape, its dialect and that its driver is installed."""
+def storage_url(url: str, setting: str = "storage URL") -> "sqlalchemy.engine.URL":  # noqa: F821
+    """Parse and check a database URL: its shape, its dialect, that its driver is installed, and that it
+    names a database that outlives this process. `setting` names it in the sentences (MLFLOW_TRACKING_URI)."""
     from sqlalchemy.engine import make_url  # noqa: PLC0415
     from sqlalchemy.exc import NoSuchModuleError  # noqa: PLC0415
 
     if url.count("@") > 1:
-        raise UserError(f"storage URL {redact(url)} is malformed: percent-encode an @ in the password as %40.")
+        raise UserError(f"{setting} {redact(url)} is malformed: percent-encode an @ in the password as %40.")
     try:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001 (ArgumentError, or ValueError for a port that is no number)
-        raise UserError(f"storage URL {redact(url)} is malformed: expected {URL_SHAPE}.") from None
+        raise UserError(f"{setting} {redact(url)} is malformed: expected {URL_SHAPE}.") from None
     if parsed.drivername == "postgresql" and not _importable("psycopg") and _importable("psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg2")  # SQLAlchemy 2.1 defaults to psycopg 3
     try:
         dialect = parsed.get_dialect()
     except NoSuchModuleError:
-        raise UserError(f"storage URL {redact(url)} names an unknown database or driver {parsed.drivername!r}: "
+        raise UserError(f"{setting} {redact(url)} names an unknown database or driver {parsed.drivername!r}: "
                         "use sqlite:///file.db or postgresql://user@host/database.") from None
     try:
         dialect.import_dbapi()
     except ImportError as exc:
-        raise UserError(f"storage URL {redact(url)} needs the Python module {exc.name!r}, "
+        raise UserError(f"{setting} {redact(url)} needs the Python module {exc.name!r}, "
                         "which is not installed.") from None
+    _check_database(parsed, url, setting)
     return parsed
+
+
+def _check_database(parsed, url: str, setting: str) -> None:
+    """A database that outlives the worker, in a folder that exists: the store must be there for the next one."""
+    if parsed.get_backend_name() != "sqlite":
+        if not parsed.database:  # PostgreSQL would take the user's own database, often `postgres` itself
+            raise UserError(f"{setting} {redact(url)} names no database: add one after the host, as in "
+                            "postgresql://user@host/<database>.")
+        return
+    if parsed.database in IN_MEMORY or parsed.query.get("mode") == "memory":
+        raise UserError(f"{setting} {redact(url)} is an in-memory SQLite database, which is lost when this process "
+                        "exits: name a file, e.g. sqlite:///optuna.db.")
+    if parsed.database.startswith("file:"):
+        return  # an SQLite URI filename (uri=true): SQLite itself reads it
+    folder = os.path.dirname(os.path.abspath(parsed.database))
+    if not os.path.isdir(folder):
+        raise UserError(f"{setting} {redact(url)} is in the folder {folder}, which does not exist: create it, "
+                        "or name a file in a folder that exists.")
+
+
+def connect(url: str, setting: str) -> None:
+    """Open one connection to a server database and close it: an unreachable server, an unknown database or role
+    gets one sentence before any work starts."""
+    parsed = storage_url(url, setting)
+    if parsed.get_backend_name() == "sqlite":
+        return  # a file: _check_database has seen its folder, and SQLite creates the file on first use
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    engine = sa.create_engine(parsed, poolclass=sa.pool.NullPool, connect_args=_connect_args(parsed))
+    try:
+        engine.connect().close()
+    except Exception as exc:  # noqa: BLE001 (sqlalchemy and driver errors alike)
+        raise UserError(f"cannot connect to {setting} {redact(url)}: {_reason(exc, parsed.password)}.") from None
+    finally:
+        engine.dispose()
+
+
+def _connect_args(parsed) -> dict:
+    if parsed.get_backend_name() == "sqlite":
+        return {"timeout": SQLITE_TIMEOUT}
+    if parsed.get_backend_name() == "postgresql":
+        return {"connect_timeout": CONNECT_TIMEOUT}
+    return {}
 
 
 def _importable(module: str) -> bool:
@@ -78,11 +105,7 @@ def open_storage(url: str, *, heartbeat_interval: int, grace_period: int,
     (and handed to on_stale_trial, which may retry it)."""
     url = url or DEFAULT_STORAGE
     parsed = storage_url(url)
-    engine_kwargs = {}
-    if parsed.get_backend_name() == "sqlite":
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT}}
-    elif parsed.get_backend_name() == "postgresql":
-        engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
+    engine_kwargs = {"connect_args": _connect_args(parsed)}
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9, and we rely on them
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -136,7 +159,7 @@ class StudyLock:
         if self._held is not None:
             return
         backend = self.parsed.get_backend_name()
-        if backend == "sqlite" and self.parsed.database not in (None, "", ":memory:"):
+        if backend == "sqlite":  # storage_url refuses in-memory databases
             import fcntl  # noqa: PLC0415
 
             handle = open(f"{self.parsed.database}.lock", "ab")

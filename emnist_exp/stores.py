@@ -30,13 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     from emnist_exp import storage  # noqa: PLC0415
     from emnist_exp.tracking import store  # noqa: PLC0415
     from emnist_exp.config import Config  # noqa: PLC0415
+    from emnist_exp.redaction import redact  # noqa: PLC0415
 
+    store.check_store()
     uri = store.prepare_local_store(repair=args.repair)
     defaults = Config()
     storage.open_storage(args.storage, heartbeat_interval=defaults.heartbeat_interval,
                          grace_period=defaults.grace_period)
-    print(f"MLflow store {uri} and Optuna storage "
-          f"{storage.redact(args.storage or storage.DEFAULT_STORAGE)} are ready")
+    print(f"MLflow store {redact(uri)} and Optuna storage {redact(args.storage or storage.DEFAULT_STORAGE)} are ready")
     return 0
 
 

@@ -73,10 +73,11 @@ def run(argv: list[str] | None = None) -> int:
     console.quiet(verbose=bool(args.pop("verbose")))
     cfg = resolve(args)
     from emnist_exp import data, precision, storage, study as studies  # noqa: PLC0415
-    from emnist_exp.tracking import experiments, results, runs  # noqa: PLC0415
+    from emnist_exp.tracking import experiments, results, runs, store  # noqa: PLC0415
     from emnist_exp.objective import Objective  # noqa: PLC0415
 
     console.quiet_libraries()
+    store.check_store()  # both stores before anything is made in either, or any data is read
     precision.share_gpus()  # before TensorFlow's first op maps a whole GPU to this worker
     policy = precision.resolve(cfg.precision)
     study = studies.open_study(cfg)

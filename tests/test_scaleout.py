@@ -315,6 +315,19 @@ def test_ctrl_c_fails_the_trial_and_kills_its_runs(new_database, tracking_server
 
 
 @pytest.mark.slow
+def test_a_worker_on_a_tracking_server_shows_only_its_own_lines(new_database, tracking_server, workers):
+    """Against a server MLflow prints "View run ... at: <url>" for every run it ends, and Optuna's importance
+    evaluator warns about a study of a few trials: neither reaches the console."""
+    w = workers(new_database(), tracking_server)
+    w.start("--n_trials", "2", "--space", "kaggle")  # two complete trials: the importance plot is drawn
+    assert w.wait(timeout=1800) == [0], w.logs()
+    log = w.log(0)
+    assert "View run" not in log and "View experiment" not in log, log[-3000:]
+    assert re.findall(r"\w*Warning: .*", log) == [], log[-3000:]
+    assert "trial 2 of 2" in log and f"runs: {tracking_server}/#/experiments/" in log, log[-3000:]
+
+
+@pytest.mark.slow
 def test_two_local_workers_share_sqlite(tmp_path, workers):
     """The one-machine default, all new: Optuna and MLflow in SQLite files, an empty tfds folder, two workers.
 

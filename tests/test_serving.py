@@ -139,3 +139,43 @@ def test_a_wrong_shape_gets_the_project_sentence_without_a_stack_trace(server):
     assert answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
     assert "expected a batch of 28x28 images, got shape (2, 27, 27)" in answer["message"], answer
     assert "Traceback" not in json.dumps(answer) and 'File "' not in json.dumps(answer), answer
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    """POST a JSON body to /invocations: the status and the decoded answer, error or not."""
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"},
+                                     method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_out_of_contract_input_gets_400_and_the_project_sentence(server):
+    """Outside the contract (28x28 images of 0-255 pixels or 0-1 floats, top_k 1-47): HTTP 400 with our sentence,
+    no stack trace and none of the input echoed back. Answered one after the other by one server."""
+    images = characters().astype(np.float64)
+    flooded = images.copy()
+    flooded[0, 0, 0] = np.nan
+    top_k = "top_k must be a whole number between 1 and 47, got {}."
+    cases = [
+        *[({"inputs": images.tolist(), "params": {"top_k": k}}, top_k.format(k)) for k in (0, 1000)],
+        ({"inputs": np.full((2, 27, 27), 200.0).tolist()}, "expected a batch of 28x28 images, got shape (2, 27, 27)."),
+        ({"inputs": flooded.tolist()},
+         "pixels must be numbers from 0 to 255 (or floats from 0 to 1), got NaN or infinity."),
+        ({"inputs": np.linspace(-500, 500, 3 * 784).reshape(3, 28, 28).tolist()},
+         "pixels must be numbers from 0 to 255 (or floats from 0 to 1), got values from -500 to 500."),
+        ({"inputs": np.full((1, 28, 28), 1e300).tolist()},
+         "pixels must be numbers from 0 to 255 (or floats from 0 to 1), got values from 1e+300 to 1e+300."),
+        ({"inputs": np.ones((1, 28, 28), bool).tolist()},
+         "pixels must be numbers from 0 to 255 (or floats from 0 to 1), got booleans."),
+    ]
+    for payload, sentence in cases:
+        code, answer = post(server, json.dumps(payload).encode())
+        assert code == 400, (sentence, answer)
+        assert answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+        assert answer["message"] == sentence, answer  # the sentence alone: no input, no trace
+        assert "stack_trace" not in answer, answer
+    code, answer = post(server, json.dumps({"inputs": (images / 255).tolist()}).encode())  # 0-1 floats are in it
+    assert code == 200 and len(answer["predictions"]) == len(images), answer

@@ -193,6 +193,10 @@ def find_files(folder: str) -> tuple[dict[str, tuple[str, str]], str]:
         raise UserError(f"EMNIST folder {folder} is a file, not a folder.")
     found = {}  # (name, split, kind) -> file name
     for match in filter(None, map(IDX_FILE.fullmatch, sorted(os.listdir(folder)))):
+        path = os.path.join(folder, match.string)
+        if not os.path.isfile(path):  # its bytes are read (folder_key, inflate) as a gzip file's
+            kind = "a folder" if os.path.isdir(path) else "not a regular file"
+            raise UserError(f"{path} is {kind}, not an EMNIST IDX file.")
         found[match["name"], match["split"], match["kind"].split("-")[0]] = match.string
     names = sorted({name for name, _, _ in found})
     if not names:

@@ -11,6 +11,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from emnist_exp.errors import UserError
+from emnist_exp.redaction import redact
 from emnist_exp.tracking.views import RUNS_VIEW_KEY
 
 # The MLflow 3 UI opens an experiment in the view this tag names (its JS bundle reads
@@ -62,7 +63,7 @@ def experiment_url(experiment_id: str) -> str:
     the user clicks the switch). Links inside the UI (a run, the breadcrumb) carry no `workflowType`,
     and nothing a server or store holds reaches that localStorage, so only the click makes it stick.
     """
-    uri = mlflow.get_tracking_uri()
+    uri = redact(mlflow.get_tracking_uri())
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning"
 
@@ -97,5 +98,5 @@ def experiment_id(name_or_id: str) -> str:
             found = mlflow.get_experiment(name_or_id)
         except mlflow.exceptions.MlflowException:
             raise UserError(f"there is no experiment {name_or_id!r} in the tracking store "
-                            f"{mlflow.get_tracking_uri()}.") from None
+                            f"{redact(mlflow.get_tracking_uri())}.") from None
     return found.experiment_id

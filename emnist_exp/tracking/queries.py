@@ -7,6 +7,7 @@ from typing import Any
 import mlflow
 
 from emnist_exp.errors import UserError
+from emnist_exp.redaction import redact
 from emnist_exp.tracking.experiments import experiment_id
 from emnist_exp.tracking.tags import ROLE_TAG, STATE_TAG, STUDY_TAG, quoted
 
@@ -39,7 +40,8 @@ def finished_trial(run_id: str) -> mlflow.entities.Run:
     try:
         run = mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise UserError(f"there is no run {run_id} in the tracking store {mlflow.get_tracking_uri()}.") from None
+        where = redact(mlflow.get_tracking_uri())
+        raise UserError(f"there is no run {run_id} in the tracking store {where}.") from None
     role, state = run.data.tags.get(ROLE_TAG), run.data.tags.get(STATE_TAG)
     if role != "trial":
         raise UserError(f"run {run_id} is not a trial run (its {ROLE_TAG} tag is {role or 'missing'}): "

@@ -89,8 +89,9 @@ def log_study_summary(study: optuna.Study) -> None:
     log_figure(ovm.plot_optimization_history(study).figure, "plots/optimization_history.png")
     if len(complete) >= 2:
         try:
-            with warnings.catch_warnings():  # a study whose parameters barely matter has nothing to label
-                warnings.filterwarnings("ignore", message="No artists with labels found")
+            # record=True keeps them off the console: a study whose parameters barely matter has nothing
+            # to label, and Optuna's PED-ANOVA warns that a few trials rank parameters roughly (the plot shows it).
+            with warnings.catch_warnings(record=True):
                 figure = ovm.plot_param_importances(study).figure
             log_figure(figure, "plots/param_importances.png")
         except (ValueError, RuntimeError) as exc:  # e.g. every trial had the same parameters
