@@ -57,7 +57,7 @@ echo "emnist-train: task ${SLURM_ARRAY_TASK_ID} of job ${SLURM_ARRAY_JOB_ID}," \
 
 worker=""
 time_up=""
-stop_worker() {  # srun passes SIGTERM on to the worker, and SIGKILLs it KillWait later
+stop_worker() {
     if [ -n "$worker" ]; then kill -TERM "$worker" 2>/dev/null || true; fi
 }
 on_time_limit() {
@@ -68,9 +68,10 @@ on_time_limit() {
 trap on_time_limit USR1
 trap stop_worker TERM INT
 
-# In the background, so that this shell can take signals while the worker runs (bash runs a trap
-# only once the command in the foreground has finished).
-srun --kill-on-bad-exit=1 python -m emnist_exp.train \
+# A child of this shell, not an srun step: srun answers a SIGTERM by killing its step's tasks
+# outright, so the worker's cleanup would be cut short. In the background, so that this shell can
+# take signals while the worker runs (bash runs a trap only once the foreground command is done).
+python -m emnist_exp.train \
     --dataset "$EMNIST_DATASET" \
     --study "$EMNIST_STUDY" \
     --preset "$EMNIST_PRESET" \

@@ -370,3 +370,35 @@ def test_a_task_requeued_mid_trial_stops_cleanly_and_runs_again(array_job):
     assert (run.info.status, run.data.tags["optuna.state"]) == ("KILLED", "FAIL")
     assert "Traceback" not in runs[1], runs[1][-3000:]
     assert_study_done(job, total=3)
+
+
+@pytest.mark.slow
+def test_near_the_time_limit_a_task_stops_its_worker_and_requeues_itself(array_job):
+    """The script's `--signal=B:USR1@120`, sent by slurmctld's own timer: the limit is cut to 100 s from now."""
+    import optuna
+
+    job = array_job
+    job.submit(1, 2, "--epochs", "2")
+    trial, task = job.running_trial()
+    run_time = re.search(r"RunTime=(\d+):(\d+):(\d+)", job.c.run("scontrol", "show", "job", f"{job.id}_{task}"))
+    seconds = int(run_time[1]) * 3600 + int(run_time[2]) * 60 + int(run_time[3]) + 100
+    job.c.run("scontrol", "update", f"JobId={job.id}_{task}", f"TimeLimit={seconds // 60}:{seconds % 60:02d}")
+    deadline = time.monotonic() + 180  # slurmctld checks time limits every 30 s
+    while job.c.run("squeue", "-h", "-j", job.id, "-o", "%T", check=False).strip() != "PENDING":
+        if time.monotonic() > deadline:
+            pytest.fail(f"task {task} was not requeued:\n{job.logs(1)}")
+        time.sleep(1)
+    job.c.run("scontrol", "update", f"JobId={job.id}_{task}", "TimeLimit=12:00:00")  # its next run has time
+
+    records = job.wait(1)
+
+    print(job.c.run("sacct", "-j", job.id, "-D", "-o", "JobID,JobName,State,ExitCode,Elapsed"))
+    assert [state for _, state, _ in records] == ["REQUEUED", "COMPLETED"], records
+    first, second = attempts(job.log(task))
+    assert "the time limit is near: stopping the worker, then requeueing this task" in first, first[-3000:]
+    assert "SIGTERM: failing the current trial and ending its runs as KILLED" in first, first[-3000:]
+    stopped = next(t for t in job.store.trials() if t.number == trial.number)
+    assert stopped.state == optuna.trial.TrialState.FAIL
+    assert second.startswith(f"emnist-train: task {task} of job {job.id}, run 2 on ")
+    assert "Traceback" not in second, second[-3000:]
+    assert_study_done(job, total=2)
