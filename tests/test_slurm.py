@@ -3,7 +3,8 @@
 The project's script itself is sbatch'ed, as an array of 2 workers of a tiny synthetic study, against a
 fresh PostgreSQL database and a real `mlflow server` (the fixtures of test_scaleout.py). slurmdbd keeps
 the accounting in a fresh MariaDB database, so that `sacct` answers as on a real cluster (without it,
-22.05's sacct has no job records: jobcomp/filetxt only feeds `sacct -c`, which cannot read array jobs).
+22.05's sacct has no job records: jobcomp/filetxt only feeds `sacct -c`, which answers an array job with
+"Unknown type ArrayJobId" and its tasks' last state only).
 
 The daemons run as root on localhost, with no cgroups (proctrack/linuxproc, task/none) and their own
 munge key, socket, ports, state and spool folders. Without Slurm, MariaDB, PostgreSQL or root the
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from test_scaleout import (PG_ENV, Workers, assert_nothing_lost, free_port, new_database,  # noqa: F401 (fixtures)
-                           pg_url, stop_group, tracking_server)
+                           stop_group, tracking_server)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "slurm-array.sh"
 MARIADB_ENV = "EMNIST_TEST_MARIADB"  # mysql://user[:password]@host:port, where slurmdbd may create a database
@@ -44,6 +45,15 @@ def unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set, so this test must run)")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> str:
+    """test_scaleout's databases and tracking server, on the server named here (a skip there, a failure under CI)."""
+    url = os.environ.get(PG_ENV)
+    if not url:
+        unavailable(f"{PG_ENV} is not set: point it at a PostgreSQL database (.ci/run sets it)")
+    return url
 
 
 class Cluster:
@@ -312,7 +322,7 @@ def attempts(log: str) -> list[str]:
 
 
 @pytest.fixture
-def array_job(request, cluster, new_database, tracking_server, tmp_path):
+def array_job(request, new_database, tracking_server, cluster, tmp_path):  # PostgreSQL checked first
     study = f"{request.node.name[:40]}-{uuid.uuid4().hex[:6]}"
     return ArrayJob(cluster, tmp_path, new_database(), tracking_server, study)
 
