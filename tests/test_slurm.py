@@ -35,6 +35,9 @@ MARIADB_ENV = "EMNIST_TEST_MARIADB"  # mysql://user[:password]@host:port, where 
 DAEMONS = ("munged", "slurmdbd", "slurmctld", "slurmd")
 COMMANDS = ("sbatch", "squeue", "sacct", "scontrol", "sacctmgr", "sinfo", "scancel", "mysql")
 CRED_EXPIRE = 10  # seconds; a requeued job waits this long before it may start again (120 by default)
+# Seconds between SIGTERM and SIGKILL (Slurm's default: 30). The workers share this machine's 2 cores with
+# everything else it runs; at a load of ~19 a worker's cleanup after SIGTERM has taken longer than 30 s.
+KILL_WAIT = 120
 # The worker's flags after the script's own: one epoch on 540 images, no pruning, heartbeats as in test_scaleout.
 TRAIN_ARGS = ["--epochs", "1", "--pruner", "none", "--heartbeat_interval", "2", "--grace_period", "20"]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -96,7 +99,7 @@ class Cluster:
         """Cancel every job, then stop the daemons, then any job process left (found by our SLURM_CONF)."""
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             self.run("scancel", "--user=root", check=False)
-            deadline = time.monotonic() + 60  # KillWait (30 s) for the workers to end their trials
+            deadline = time.monotonic() + KILL_WAIT + 30  # for the workers to end their trials
             while self.run("squeue", "-h", check=False).strip() and time.monotonic() < deadline:
                 time.sleep(1)
         for name in reversed(DAEMONS):
@@ -160,6 +163,7 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort={dbd}
 AccountingStoragePass={munge_socket}
+KillWait={KILL_WAIT}
 ReturnToService=2
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
@@ -374,6 +378,7 @@ def test_a_task_requeued_mid_trial_stops_cleanly_and_runs_again(array_job):
                                                                        "run 2 on " + socket.gethostname()], job.log(task)
     # The worker stopped on Slurm's SIGTERM: its trial FAIL, its run KILLED (not left RUNNING, not killed -9).
     assert "SIGTERM: failing the current trial and ending its runs as KILLED" in runs[0], runs[0][-3000:]
+    assert "\ninterrupted\n" in runs[0], runs[0][-3000:]  # the worker's last word, once its cleanup is done
     stopped = next(t for t in job.store.trials() if t.number == trial.number)
     assert stopped.state == optuna.trial.TrialState.FAIL
     run = job.store.run(trial.user_attrs["mlflow_run_id"])
@@ -407,6 +412,7 @@ def test_near_the_time_limit_a_task_stops_its_worker_and_requeues_itself(array_j
     first, second = attempts(job.log(task))
     assert "the time limit is near: stopping the worker, then requeueing this task" in first, first[-3000:]
     assert "SIGTERM: failing the current trial and ending its runs as KILLED" in first, first[-3000:]
+    assert "\ninterrupted\n" in first, first[-3000:]
     stopped = next(t for t in job.store.trials() if t.number == trial.number)
     assert stopped.state == optuna.trial.TrialState.FAIL
     assert second.startswith(f"emnist-train: task {task} of job {job.id}, run 2 on ")
