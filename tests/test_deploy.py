@@ -74,29 +74,63 @@ def test_kubernetes_job_seeds_differ_per_worker():
     assert len(seeds) == job["spec"]["completions"]
 
 
-def test_slurm_array_script_runs_the_train_worker(tmp_path):
-    """The script itself, run by bash with a stand-in `srun` on PATH that records what it was asked to run."""
-    script = (DEPLOY / "slurm-array.sh").read_text()
-    assert re.search(r"^#SBATCH --array=\d+-\d+", script, flags=re.M)
-    assert re.search(r"^#SBATCH --requeue$", script, flags=re.M)
-    recorder = tmp_path / "bin" / "srun"
-    recorder.parent.mkdir()
-    recorder.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+def run_slurm_script(tmp_path, *args: str, **settings: str) -> tuple[list[str], dict[str, str]]:
+    """The script itself, run by bash with a stand-in `python` on PATH that records its arguments and environment."""
+    recorder = tmp_path / "bin" / "python"
+    recorder.parent.mkdir(exist_ok=True)
+    recorder.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        "print(json.dumps([sys.argv[1:], dict(os.environ)]))\n")
     recorder.chmod(0o755)
-    env = {"PATH": f"{recorder.parent}:{os.environ['PATH']}", "HOME": str(tmp_path),
-           "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_JOB_ID": "77"}
+    env = {"PATH": f"{recorder.parent}:{os.environ['PATH']}", "HOME": str(tmp_path), "SLURM_SUBMIT_HOST": "login7",
+           "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_JOB_ID": "77", "SLURM_JOB_ID": "80", **settings}
 
-    out = subprocess.run(["bash", str(DEPLOY / "slurm-array.sh")], env=env, capture_output=True, text=True,
+    out = subprocess.run(["bash", str(DEPLOY / "slurm-array.sh"), *args], env=env, capture_output=True, text=True,
                          timeout=60)
 
     assert out.returncode == 0, out.stderr
-    argv = json.loads(out.stdout)
-    start = argv.index("python")
-    assert all(option.startswith("--") for option in argv[:start])  # srun's own options
-    assert argv[start:start + 3] == TRAIN
-    cfg = accepted(argv[start + 3:])
+    argv, seen = json.loads(out.stdout)
+    assert ["python", *argv[:2]] == TRAIN
+    return argv[2:], seen
+
+
+def test_slurm_array_script_defaults_run_the_train_worker(tmp_path):
+    script = (DEPLOY / "slurm-array.sh").read_text()
+    assert re.search(r"^#SBATCH --array=\d+-\d+", script, flags=re.M)
+    assert re.search(r"^#SBATCH --requeue$", script, flags=re.M)
+    assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", script, flags=re.M)  # the script traps USR1
+    assert re.search(r"^#SBATCH --output=\S*%A_%a\S*$", script, flags=re.M)  # one log per task
+    assert re.search(r"^##SBATCH --gres=gpu:1$", script, flags=re.M)  # documented, off by default
+
+    args, env = run_slurm_script(tmp_path)
+
+    cfg = accepted(args)
     assert cfg.seed == 3 and cfg.dataset == f"idx:{tmp_path}/emnist/gzip"
-    assert cfg.storage.startswith("postgresql://") and cfg.total_trials > 0
+    assert cfg.storage == "postgresql:///emnist_optuna" and cfg.total_trials == 40 and cfg.study == "bymerge-slurm"
+    assert env["MLFLOW_TRACKING_URI"] == "http://login7:5000"  # the submitting host, named by Slurm
+    assert env["TFDS_DATA_DIR"] == "/tmp/emnist-tfds-77"
+
+
+def test_slurm_array_script_takes_its_settings_from_the_environment_and_passes_flags_on(tmp_path):
+    settings = {"EMNIST_STORAGE": "postgresql://me@db.example.org/optuna", "MLFLOW_TRACKING_URI": "http://t:5001",
+                "EMNIST_DATASET": "synthetic:600", "EMNIST_STUDY": "s1", "EMNIST_PRESET": "quick",
+                "EMNIST_TOTAL_TRIALS": "7", "TMPDIR": str(tmp_path / "local")}
+
+    args, env = run_slurm_script(tmp_path, "--epochs", "2", "--n_trials", "5", **settings)
+
+    cfg = accepted(args)
+    assert (cfg.storage, cfg.dataset, cfg.study, cfg.total_trials) == ("postgresql://me@db.example.org/optuna",
+                                                                       "synthetic:600", "s1", 7)
+    assert (cfg.epochs, cfg.n_trials, cfg.patience) == (2, 5, 2)  # flags win over the script's; patience from quick
+    assert env["MLFLOW_TRACKING_URI"] == "http://t:5001" and env["TFDS_DATA_DIR"] == f"{tmp_path}/local/emnist-tfds-77"
+
+
+def test_slurm_array_script_names_no_host():
+    """Every URL the script runs with takes its host from the environment (or libpq's), none is written in."""
+    code = [line for line in (DEPLOY / "slurm-array.sh").read_text().splitlines() if not line.startswith("#")]
+    urls = re.findall(r"\w+://[^\s\"]*", "\n".join(code))
+    # user@host:port, up to the path or the } that closes the script's ${VAR:=default}
+    hosts = [re.match(r"\w+://((?:\$\{\w+\}|[^/}])*)", url)[1] for url in urls]
+    assert urls and all(re.fullmatch(r"(\$\{\w+\}(:\d+)?)?", host) for host in hosts), urls
 
 
 def dockerfile_entrypoint() -> list[str]:
