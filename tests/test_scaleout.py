@@ -307,8 +307,11 @@ def test_ctrl_c_fails_the_trial_and_kills_its_runs(new_database, tracking_server
     proc.send_signal(signal.SIGINT)
     assert w.wait(timeout=180) == [130], w.logs()
     assert "interrupted" in w.log(0)
-    (stopped,) = w.trials()
+    stopped, queued = w.trials()  # the stopped trial, and its copy queued for the next worker to resume
     assert stopped.number == trial.number and stopped.state == optuna.trial.TrialState.FAIL
+    assert stopped.user_attrs["stopped_by"] == "SIGINT"
+    assert queued.state == optuna.trial.TrialState.WAITING and queued.params == stopped.params
+    assert queued.system_attrs["retry_history"] == [stopped.number]
     run = w.run(trial.user_attrs["mlflow_run_id"])
     assert (run.info.status, run.data.tags["optuna.state"]) == ("KILLED", "FAIL")
     assert w.run(run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
