@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import prepared_tfds
 from test_reliability import clean_env, finish
 from test_scaleout import new_database, pg_url, tracking_server  # noqa: F401 (fixtures)
 
@@ -31,11 +32,7 @@ EPOCH_METRICS = ("epoch_loss", "epoch_accuracy", "epoch_val_loss", "epoch_val_ac
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory) -> Path:
-    from emnist_exp import data
-
-    path = tmp_path_factory.mktemp("tfds")
-    data.open_source(DATASET, str(path))
-    return path
+    return prepared_tfds(tmp_path_factory, DATASET)
 
 
 class Study:

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import prepared_tfds
 
 PG_ENV = "EMNIST_TEST_POSTGRES"
 DATASET = "synthetic:600"  # 540 train, 60 val, 100 test: a 1-epoch trial is seconds of training
@@ -119,12 +120,7 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory) -> Path:
-    """The synthetic set prepared once, so that workers read it instead of racing to prepare it."""
-    from emnist_exp import data
-
-    path = tmp_path_factory.mktemp("tfds")
-    data.open_source(DATASET, str(path))
-    return path
+    return prepared_tfds(tmp_path_factory, DATASET)
 
 
 class Workers:
