@@ -6,7 +6,9 @@
 #
 # Stopping: on preemption, scancel or the time limit, Slurm sends SIGTERM, waits KillWait (30 s by
 # default), then SIGKILL. The train worker handles SIGTERM itself (emnist_exp/signals.py): its
-# trial ends as FAIL and another worker retries it. --requeue puts a preempted task back in the queue.
+# trial ends as FAIL and is queued again, and the next worker to take a trial resumes it from its
+# last epoch's checkpoint (README, "Preemption and time limits"); a task killed outright has its
+# trial resumed the same way once grace_period has passed. --requeue puts a preempted task back in the queue.
 #SBATCH --job-name=emnist-train
 #SBATCH --array=0-3%4
 #SBATCH --cpus-per-task=4

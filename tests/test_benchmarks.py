@@ -193,3 +193,15 @@ def own_images_conditions() -> set[str]:
     import own_images
 
     return set(own_images.CONDITIONS)
+
+
+def test_preemption_benchmark_smoke(workdir):
+    """A trial stopped halfway by SIGTERM is resumed by a second worker, and the table says what it cost."""
+    out = run_script("preemption.py", "--smoke")
+    rows = table(out)
+    assert "resumes from epoch 2 of 2" in out, out
+    seconds = {k: float(v.removesuffix(" s")) for k, v in rows.items() if v.endswith(" s")}
+    assert all(seconds[k] > 0 for k in ("uninterrupted worker, wall", "one epoch (uninterrupted, mean)",
+                                        "restart cost (second worker: start to resume line)"))
+    # Without augmentation the resumed fit repeats the uninterrupted one.
+    assert abs(float(rows["val accuracy, uninterrupted"]) - float(rows["val accuracy, preempted and resumed"])) <= 0.005
