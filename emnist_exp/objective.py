@@ -166,8 +166,10 @@ class Objective:
         except Exception as exc:  # noqa: BLE001 (gone from the artifact store, or the store unreachable)
             reason = f"it cannot be downloaded ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
         else:
-            print(f"[{self.cfg.study}] trial {trial.number} resumes from epoch {state.epoch + 1} of {self.cfg.epochs}: "
-                  f"{where}, written by {pointer['worker']}", file=sys.stderr, flush=True)
+            left = state.epoch < self.cfg.epochs and not state.stopped
+            start = f"from epoch {state.epoch + 1} of {self.cfg.epochs}" if left else "with its training done"
+            print(f"[{self.cfg.study}] trial {trial.number} resumes {start}: {where}, written by {pointer['worker']}",
+                  file=sys.stderr, flush=True)
             return state, pointer
         print(f"[{self.cfg.study}] trial {trial.number}: {where} is unusable, as {reason}; the trial starts again "
               "from epoch 1", file=sys.stderr, flush=True)
