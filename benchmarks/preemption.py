@@ -1,6 +1,6 @@
 """Preemption: the wall time a trial loses to a SIGTERM in its middle, against the same trial uninterrupted.
 
-    python benchmarks/preemption.py                      # the real sample, 12,000 examples, 4 epochs
+    python benchmarks/preemption.py                      # the real sample, 4,000 examples, 4 epochs
     python benchmarks/preemption.py --smoke              # synthetic, 2 epochs: a check that it runs
 
 Real workers (`python -m emnist_exp.train`, the Kaggle recipe: nothing searched) on SQLite stores
@@ -86,7 +86,7 @@ def best_value(folder: Path, study: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=SAMPLE, help=f"dataset SPEC (default: {SAMPLE})")
-    parser.add_argument("--max_examples", type=int, default=12_000, help="training examples, validation included")
+    parser.add_argument("--max_examples", type=int, default=4_000, help="training examples, validation included")
     parser.add_argument("--epochs", type=int, default=4, help="the trial's epochs; SIGTERM comes halfway")
     parser.add_argument("--smoke", action="store_true", help="synthetic:1500, 2 epochs: a check that it runs")
     args = parser.parse_args()

@@ -100,14 +100,13 @@ class Objective:
             self.on_start()
         spec = suggest_spec(trial, self.cfg.space)
         trial.set_user_attr("worker", WORKER)  # which machine and process ran (or lost) this trial
-        resume, pointer = self._resume(trial)
-        # unique per trial across workers, like the sampler's; a retry keeps the seed of the trial it retries
-        seed = resume.seed if resume else int(trial.user_attrs.get(studies.SEED, trial_seed(self.cfg.seed,
-                                                                                            trial.number)))
-        trial.set_user_attr(studies.SEED, seed)
-        checkpoints = Checkpoints(trial, pointer)
         try:
-            return self._train(trial, spec, seed, resume, checkpoints)
+            resume, pointer = self._resume(trial)
+            # unique per trial across workers, like the sampler's; a retry keeps the seed of the trial it retries
+            seed = resume.seed if resume else int(trial.user_attrs.get(studies.SEED, trial_seed(self.cfg.seed,
+                                                                                                trial.number)))
+            trial.set_user_attr(studies.SEED, seed)
+            return self._train(trial, spec, seed, resume, Checkpoints(trial, pointer))
         except signals.Stopped as stop:
             self._requeue(trial, str(stop) or "SIGINT", "stopped")
             raise
