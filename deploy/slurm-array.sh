@@ -23,7 +23,10 @@
 #
 # Stopping. On scancel, preemption or `scontrol requeue`, Slurm sends SIGTERM to every process of
 # the task, waits KillWait (30 s by default), then SIGKILL. The train worker handles SIGTERM itself:
-# its trial ends as FAIL, to be retried, and its MLflow runs as KILLED. The time limit would do the
+# its trial ends as FAIL and is queued
+# again, its MLflow run as KILLED, and the next worker to take a trial resumes it from its last
+# epoch's checkpoint (README, "Preemption and time limits"); a task killed outright has its trial
+# resumed the same way once grace_period has passed. The time limit would do the
 # same with no warning, so --signal asks for SIGUSR1 120 s before it (B: to this shell only; Slurm's
 # timer may send it up to a minute earlier). This shell then stops the worker the same way and
 # requeues its own task, which carries on the study. SIGUSR1 and not SIGTERM, so that a scancel

@@ -35,7 +35,7 @@ class Config:
     # study
     study: str = "emnist"
     n_trials: int = 10
-    timeout: int = 0  # seconds for this worker; 0 = no limit
+    timeout: int = 0  # seconds for this worker, after which its trial stops and is queued again; 0 = no limit
     storage: str = ""  # Optuna storage URL; "" = sqlite:///optuna.db beside mlflow.db
     seed: int = 0  # flows to Keras, tf.data and the Optuna sampler
     space: str = "full"  # search space, see emnist_exp.search.SPACES

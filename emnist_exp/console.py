@@ -113,9 +113,10 @@ class _LoadFilter:
 
 
 def _no_traceback_for_stops(record) -> bool:
-    """Optuna logs a failed trial's traceback; for a stop signal or a UserError the one line is enough."""
+    """Optuna logs a failed trial's traceback; for a stop (signal, time limit) or a UserError the one line is enough."""
     from emnist_exp.errors import UserError  # noqa: PLC0415
+    from emnist_exp.signals import TimeLimit  # noqa: PLC0415
 
-    if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, UserError)):
+    if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, UserError, TimeLimit)):
         record.exc_info = None
     return True

@@ -378,18 +378,26 @@ def _one_hot(num_classes: int) -> Callable:
 
 
 def training_pipeline(ds: tf.data.Dataset, *, num_classes: int, batch_size: int, seed: int,
-                      shuffle_buffer: int, augment: Callable | None = None) -> tf.data.Dataset:
-    """shuffle -> batch -> float -> augmentation (when on) -> one-hot -> prefetch.
+                      shuffle_buffer: int, augment: Callable | None = None,
+                      epochs: range = range(1)) -> tf.data.Dataset:
+    """shuffle -> batch -> float -> augmentation (when on) -> one-hot -> prefetch, for each of `epochs`.
 
     Batches are whole (the remainder, a different few each epoch, waits for the next shuffle):
     with a dynamic batch size Keras' RandomElasticTransform (Keras 3.15) displaces pixels
     across images, pasting one example's strokes onto its neighbours' labels.
+
+    Epoch e is shuffled with seed + e, so its order depends on the epoch and not on how many
+    epochs this dataset object has served: a fit resumed at epoch 3 (epochs=range(2, n)) sees the
+    orders the uninterrupted fit saw. Keras reads the epochs one after the other (steps_per_epoch).
     """
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
+    def one_epoch(epoch):
+        return ds.shuffle(shuffle_buffer, seed=epoch + seed).batch(batch_size, drop_remainder=True)
+
+    out = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(one_epoch)
+    out = out.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
     if augment is not None:
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=AUTOTUNE)
-    return ds.map(_one_hot(num_classes), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+        out = out.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=AUTOTUNE)
+    return out.map(_one_hot(num_classes), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 
 def eval_pipeline(ds: tf.data.Dataset, *, batch_size: int, num_classes: int | None = None) -> tf.data.Dataset:

@@ -76,3 +76,7 @@ def _stop_when_orphaned(parent: int, done: threading.Event) -> None:
         if os.getppid() != parent:  # re-parented: the process that started us has exited
             os.kill(os.getpid(), signal.SIGTERM)
             return
+
+
+class TimeLimit(Exception):
+    """The worker's own time limit (--timeout) came while a trial was training: it stops, and goes back to the study."""

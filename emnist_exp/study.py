@@ -1,4 +1,4 @@
-"""An Optuna study and one worker's part in it: sampler, pruner, the study-wide trial cap, stale-trial retries."""
+"""An Optuna study and one worker's part in it: sampler, pruner, the study-wide trial cap, retries of lost trials."""
 
 from __future__ import annotations
 
@@ -17,7 +17,14 @@ from emnist_exp.tracking import runs
 from emnist_exp.config import Config
 from emnist_exp.search import FIRST_POINTS
 
-MAX_RETRY = 3  # a trial whose worker died runs again at most this often
+MAX_RETRY = 3  # a trial whose worker died or was stopped runs again at most this often
+# User attributes of a trial. stopped_by (SIGTERM, SIGINT or timeout) marks a preemption, retried, apart from a
+# failure of the trial's own (NaN loss, bad spec), which has none and is not retried. A trial lost with its worker
+# cannot be marked any more once Optuna has failed it: its retry's system attr retry_reasons says "heartbeat".
+STOPPED_BY = "stopped_by"
+SEED = "seed"  # the trial's Keras seed, kept by its retries (which have other numbers)
+CHECKPOINT = "checkpoint"  # the newest training state: {run_id, path, sha256, epoch, trial, worker}; None once done
+NOT_INHERITED = ("worker", STOPPED_BY)  # what a retry must not take over from the trial it retries
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -36,20 +43,59 @@ class RetryStaleTrial:
     """
 
     def __init__(self, max_retry: int):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.max_retry = max_retry
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.retry(study, trial)
         try:
             ended = runs.end_stale_trial_run(study.study_name, trial.number, trial.user_attrs.get("mlflow_run_id"))
         except Exception as exc:  # noqa: BLE001 (the study goes on even if the tracking server is away)
             ended, note = [], f"; its MLflow run could not be ended ({type(exc).__name__}: {exc})"
         else:
             note = f"; MLflow runs ended as FAILED: {', '.join(ended)}" if ended else ""
+        # Queued after its runs are ended: the worker that resumes it reopens the trial's run.
+        queued = requeue(study, trial, "heartbeat", self.max_retry)
+        again = "queued again with the same parameters" if queued else f"not queued again ({self.max_retry} retries)"
         print(f"[{study.study_name}] trial {trial.number} lost its worker (no heartbeat): marked FAIL and "
-              f"queued again with the same parameters{note}", file=sys.stderr, flush=True)
+              f"{again}{note}", file=sys.stderr, flush=True)
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, max_retry: int = MAX_RETRY) -> bool:
+    """Queue a copy of `trial` (same parameters, seed and checkpoint) to run again; False once it has been
+    retried max_retry times.
+
+    The copy is what Optuna's RetryHeartbeatStaleTrialCallback makes (system attrs failed_trial and
+    retry_history, read by its retried_trial_number and retry_history), plus retry_reasons. Intermediate
+    values are not copied: the trial that resumes reports again those of the epochs its checkpoint holds.
+    """
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > max_retry:
+        return False
+    system_attrs = {**trial.system_attrs, "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+                    "retry_history": history, "retry_reasons": [*trial.system_attrs.get("retry_reasons", []), reason]}
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in NOT_INHERITED}
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=trial.params,
+                                              distributions=trial.distributions, user_attrs=user_attrs,
+                                              system_attrs=system_attrs))
+    return True
+
+
+def requeue_stopped(trial: optuna.Trial, reason: str) -> bool:
+    """Mark a running trial as stopped by `reason` (SIGTERM, SIGINT, timeout) and queue it again."""
+    trial.set_user_attr(STOPPED_BY, reason)
+    frozen = trial.study._storage.get_trial(trial._trial_id)
+    return requeue(trial.study, frozen, reason)
+
+
+def newest_checkpoint(trial: optuna.Trial) -> dict | None:
+    """The checkpoint with the most epochs among this trial's and those of the trials it retries."""
+    storage, study_id = trial.study._storage, trial.study._study_id
+    frozen = storage.get_trial(trial._trial_id)
+    found = [frozen.user_attrs.get(CHECKPOINT)]
+    for number in frozen.system_attrs.get("retry_history", []):
+        earlier = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
+        found.append(earlier.user_attrs.get(CHECKPOINT))
+    found = [c for c in found if c]
+    return max(found, key=lambda c: c["epoch"]) if found else None
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

@@ -13,7 +13,8 @@ OPTIONS = [  # (flag, help) — one flag per MLproject parameter of the `train` 
     ("study", "Optuna study name; rerunning with the same name continues it"),
     ("n_trials", "trials this worker runs"),
     ("epochs", "maximum epochs per trial; early stopping on validation may end sooner"),
-    ("timeout", "seconds after which this worker starts no new trial; 0 = none"),
+    ("timeout", "seconds this worker runs: its trial then stops (at an epoch's end when the next epoch would not "
+     "fit) and goes back to the study, for another worker to resume from its checkpoint; 0 = none"),
     ("max_examples", "cap on training examples, validation included; 0 = all"),
     ("seed", "seeds Keras, tf.data shuffling and the TPE sampler"),
     ("storage", "Optuna storage URL, e.g. postgresql://user@host/db; empty = sqlite:///optuna.db"),
@@ -72,7 +73,7 @@ def run(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     console.quiet(verbose=bool(args.pop("verbose")))
     cfg = resolve(args)
-    from emnist_exp import data, precision, storage, study as studies  # noqa: PLC0415
+    from emnist_exp import data, precision, signals, storage, study as studies  # noqa: PLC0415
     from emnist_exp.tracking import experiments, results, runs, store  # noqa: PLC0415
     from emnist_exp.objective import Objective  # noqa: PLC0415
 
@@ -96,8 +97,9 @@ def run(argv: list[str] | None = None) -> int:
     with runs.study_run(logged, storage=storage.redact(url), sampler=str(study.sampler), policy=policy) as run:
         try:
             if cap is None or cap.has_room(study):  # holds the study's lock until the first trial is claimed
+                # TimeLimit: the trial was stopped and queued again, and the study stopped for this worker
                 study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout or None, callbacks=callbacks,
-                               gc_after_trial=True)
+                               gc_after_trial=True, catch=(signals.TimeLimit,))
         except BaseException:
             summary_after_error(study)
             raise

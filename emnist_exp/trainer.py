@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
 
-from emnist_exp import data, model as models, precision
+from emnist_exp import checkpoint, data, model as models, precision
 from emnist_exp.spec import TrialSpec
 from emnist_exp.voting import accuracy
 
@@ -69,9 +71,14 @@ class EpochLine(keras.callbacks.Callback):
 
 def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: int, seed: int,
                shuffle_buffer: int, callbacks: list | None = None, verbose: int = 2,
-               policy: str = "float32") -> TrainResult:
+               policy: str = "float32", resume: checkpoint.TrainingState | None = None,
+               publish: checkpoint.Publish | None = None) -> TrainResult:
     """Fit in a Keras dtype policy with early stopping on validation accuracy (best weights kept),
-    then predict val and test with the float32 model that leaves the trial."""
+    then predict val and test with the float32 model that leaves the trial.
+
+    `resume`: a checkpoint of this spec's fit, which goes on from its next epoch. `publish`: given
+    the checkpoint file of every epoch (see checkpoint.Checkpointer); without it none is written.
+    """
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     num_classes = len(splits.classes)
@@ -79,19 +86,32 @@ def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: i
     batch_size = min(spec.batch_size, splits.counts["train"])  # whole batches only (see training_pipeline)
     steps = splits.counts["train"] // batch_size
     models.compile_model(net, spec, steps, epochs)
+    augmenter = models.build_augmenter(spec, seed)
+    stop = checkpoint.ResumableEarlyStopping("val_accuracy", patience=patience, restore_best_weights=True)
+    first = 0
+    if resume is not None:
+        checkpoint.restore(resume, net, stop)
+        first = resume.epoch
     train_ds = data.training_pipeline(
         splits.train, num_classes=num_classes, batch_size=batch_size, seed=seed,
-        shuffle_buffer=shuffle_buffer, augment=models.build_augmenter(spec, seed),
+        shuffle_buffer=shuffle_buffer, augment=augmenter, epochs=range(first, epochs),
     )
     val_ds = data.eval_pipeline(splits.val, batch_size=EVAL_BATCH, num_classes=num_classes)
-    stop = keras.callbacks.EarlyStopping("val_accuracy", patience=patience, restore_best_weights=True)
     nan = keras.callbacks.TerminateOnNaN()
     started = time.perf_counter()
     lines = [EpochLine(epochs)] if verbose == 2 else []
-    fit = net.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0 if lines else verbose,
-                  callbacks=[*models.schedule_callbacks(spec), nan, stop, *(callbacks or []), *lines])
-    seconds = time.perf_counter() - started
-    history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
+    history = {k: list(v) for k, v in (resume.history if resume else {}).items()}
+    with tempfile.TemporaryDirectory(prefix="emnist-checkpoint-") as folder:
+        saving = [checkpoint.Checkpointer(publish, Path(folder), seed=seed, stopper=stop, resumed=resume)] if publish else []
+        if first < epochs and not (resume and resume.stopped):
+            fit = net.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=first, steps_per_epoch=steps,
+                          verbose=0 if lines else verbose,
+                          callbacks=[*models.schedule_callbacks(spec), nan, stop, *saving, *(callbacks or []), *lines])
+            for key, values in fit.history.items():
+                history.setdefault(key, []).extend(float(v) for v in values)
+        elif resume.best is not None:  # stopped after its last epoch: keep its best epoch, as EarlyStopping would
+            net.set_weights(resume.best)
+    seconds = (resume.seconds if resume else 0.0) + time.perf_counter() - started
     diverged = any(not math.isfinite(v) for v in history.get("loss", []))
     net = precision.float32_copy(net, lambda: models.build_model(spec, num_classes))
     result = TrainResult(net, history, seconds, val_probs=np.zeros((0, num_classes)),

@@ -56,6 +56,15 @@ def workdir(tmp_path_factory) -> Path:
             os.environ[key] = value
 
 
+def prepared_tfds(tmp_path_factory, dataset: str) -> Path:
+    """`dataset` prepared once in a tfds folder of its own, so that workers read it instead of racing to prepare it."""
+    from emnist_exp import data
+
+    path = tmp_path_factory.mktemp("tfds")
+    data.open_source(dataset, str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_study(workdir) -> dict:
     """A real 3-trial study (synthetic, 2 epochs) through the train entry point, and its ensemble."""

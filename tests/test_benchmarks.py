@@ -219,3 +219,15 @@ def test_precision_benchmark_smoke(workdir):
     assert verdict and verdict.group(2) == ("yes" if float(verdict.group(1)) >= precision.PAYS else "no"), out
     auto = precision.choose(precision.gpu_capabilities(), precision.cpu_flags())
     assert f"auto on this machine: {auto}" in out
+
+
+def test_preemption_benchmark_smoke(workdir):
+    """A trial stopped halfway by SIGTERM is resumed by a second worker, and the table says what it cost."""
+    out = run_script("preemption.py", "--smoke")
+    rows = table(out)
+    assert "resumes from epoch 2 of 2" in out, out
+    seconds = {k: float(v.removesuffix(" s")) for k, v in rows.items() if v.endswith(" s")}
+    assert all(seconds[k] > 0 for k in ("uninterrupted worker, wall", "one epoch (uninterrupted, mean of epochs 2 on)",
+                                        "restart: second worker's start to its resume line"))
+    # Without augmentation the resumed fit repeats the uninterrupted one.
+    assert abs(float(rows["val accuracy, uninterrupted"]) - float(rows["val accuracy, preempted and resumed"])) <= 0.005

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import prepared_tfds
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = "synthetic:600"  # 540 train, 60 val, 100 test: a 1-epoch trial is seconds of training
@@ -37,12 +38,7 @@ def clean_env(tfds: Path, **extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory) -> Path:
-    """The synthetic set prepared once, so that workers read it instead of racing to prepare it."""
-    from emnist_exp import data
-
-    path = tmp_path_factory.mktemp("tfds")
-    data.open_source(DATASET, str(path))
-    return path
+    return prepared_tfds(tmp_path_factory, DATASET)
 
 
 def mlflow_run(cwd: Path, env: dict, log: Path, **params: str) -> subprocess.Popen:

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import prepared_tfds
 
 PG_ENV = "EMNIST_TEST_POSTGRES"
 DATASET = "synthetic:600"  # 540 train, 60 val, 100 test: a 1-epoch trial is seconds of training
@@ -119,12 +120,7 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory) -> Path:
-    """The synthetic set prepared once, so that workers read it instead of racing to prepare it."""
-    from emnist_exp import data
-
-    path = tmp_path_factory.mktemp("tfds")
-    data.open_source(DATASET, str(path))
-    return path
+    return prepared_tfds(tmp_path_factory, DATASET)
 
 
 class Workers:
@@ -307,8 +303,11 @@ def test_ctrl_c_fails_the_trial_and_kills_its_runs(new_database, tracking_server
     proc.send_signal(signal.SIGINT)
     assert w.wait(timeout=180) == [130], w.logs()
     assert "interrupted" in w.log(0)
-    (stopped,) = w.trials()
+    stopped, queued = w.trials()  # the stopped trial, and its copy queued for the next worker to resume
     assert stopped.number == trial.number and stopped.state == optuna.trial.TrialState.FAIL
+    assert stopped.user_attrs["stopped_by"] == "SIGINT"
+    assert queued.state == optuna.trial.TrialState.WAITING and queued.params == stopped.params
+    assert queued.system_attrs["retry_history"] == [stopped.number]
     run = w.run(trial.user_attrs["mlflow_run_id"])
     assert (run.info.status, run.data.tags["optuna.state"]) == ("KILLED", "FAIL")
     assert w.run(run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"

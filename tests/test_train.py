@@ -123,6 +123,8 @@ def test_pruning_stops_a_bad_trial(workdir):
     assert len(trial.intermediate_values) == 2  # one warm-up epoch, pruned after the second of five
     run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])
     assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "FINISHED"
+    assert trial.user_attrs["checkpoint"] is None  # a pruned trial is not resumed: its checkpoint is gone
+    assert not mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoint")
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@
 - experiments: a study's experiment, the one the user chose, and its address in the UI;
 - launcher: `mlflow run`'s own run, kept, handed over or set back after the CLI exits;
 - runs: the study run, one nested run per trial, how each ends, per-epoch metrics;
+- checkpoints: a trial's training state as an artifact of its run, while the trial is unfinished;
 - datasets: the splits as MLflow dataset inputs;
 - results: what a finished trial or study leaves in its run (metrics, predictions, plots);
 - models: LoggedModels of trials and ensembles, the exported graph, the registry;

@@ -16,10 +16,12 @@ import numpy as np
 import optuna
 
 from emnist_exp import plots
+from emnist_exp.signals import TimeLimit
 from emnist_exp.spec import TrialSpec
 from emnist_exp.tracking.launcher import kept_after_launcher, start_entry_run
 from emnist_exp.tracking.store import prepare_local_store
-from emnist_exp.tracking.tags import PRECISION_TAG, ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, WORKER_TAG, quoted
+from emnist_exp.tracking.tags import (PARENT_TAG, PRECISION_TAG, RESUMED_TAG, ROLE_TAG, STATE_TAG, STOPPED_TAG,
+                                      STUDY_TAG, TRIAL_TAG, WORKER_TAG, quoted)
 
 
 def git_commit() -> str:
@@ -82,23 +84,34 @@ def trial_run_name(number: int, spec: TrialSpec) -> str:
 
 @contextlib.contextmanager
 def trial_run(study: str, number: int, spec: TrialSpec, seed: int, extra_params: dict[str, Any],
-              policy: str = "float32") -> Iterator[mlflow.ActiveRun]:
-    """A nested child run for one trial, trained in the Keras dtype `policy`. It ends as the trial did."""
+              policy: str = "float32", reopen: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A nested child run for one trial, trained in the Keras dtype `policy`. It ends as the trial did.
+
+    `reopen`: the run of the trial this one resumes. Its learning curve goes on in that run, which
+    moves under this worker's study run and takes this trial's number, so that whoever finds this
+    trial lost later ends the right runs (end_stale_trial_run).
+    """
     tags = {ROLE_TAG: "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING", "arch": spec.arch,
             "aug": "on" if spec.augment else "off", "bn": "on" if spec.batch_norm else "off", PRECISION_TAG: policy,
             RUN_COLOUR_TAG: plots.trial_colour(number)}
-    run = mlflow.start_run(run_name=trial_run_name(number, spec), nested=True, tags=tags)
+    if reopen:
+        tags[PARENT_TAG] = mlflow.active_run().info.run_id
+        run = mlflow.start_run(run_id=reopen, nested=True, tags=tags)
+    else:
+        run = mlflow.start_run(run_name=trial_run_name(number, spec), nested=True, tags=tags)
     status = "FAILED"
     try:
-        mlflow.log_params({**spec.params(), "seed": seed, "precision_policy": policy, **extra_params})
+        if not reopen:  # a reopened run has them, from the same parameters and seed
+            mlflow.log_params({**spec.params(), "seed": seed, "precision_policy": policy, **extra_params})
         yield run
         status = "FINISHED"
     except optuna.TrialPruned:
         mlflow.set_tag(STATE_TAG, "PRUNED")
         status = "FINISHED"  # pruning is the search working as meant, not a failure
         raise
-    except KeyboardInterrupt:
-        mlflow.set_tag(STATE_TAG, "FAIL")
+    except (KeyboardInterrupt, TimeLimit) as stop:  # a preemption: the trial is queued again, not failed for good
+        mlflow.set_tags({STATE_TAG: "FAIL", STOPPED_TAG: "timeout" if isinstance(stop, TimeLimit) else
+                         str(stop) or "SIGINT"})
         status = "KILLED"
         raise
     except BaseException:
@@ -106,6 +119,18 @@ def trial_run(study: str, number: int, spec: TrialSpec, seed: int, extra_params:
         raise
     finally:
         mlflow.end_run(status)
+
+
+def mark_resumed(number: int, resumed_from: int, epoch: int, history: dict[str, list[float]]) -> None:
+    """Note on the active (reopened) run that trial `number` goes on from `epoch`, and log the epochs its
+    checkpoint holds that the run lacks (a worker stopped between saving an epoch and logging it)."""
+    run_id = mlflow.active_run().info.run_id
+    mlflow.set_tag(RESUMED_TAG, f"trial {number} from epoch {epoch + 1} (trial {resumed_from}'s checkpoint)")
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "epoch_loss")}
+    for step in range(epoch):
+        if step not in logged:
+            metrics = {f"epoch_{k}": v[step] for k, v in history.items() if len(v) > step and np.isfinite(v[step])}
+            mlflow.log_metrics(metrics, step=step)
 
 
 def set_state(state: str) -> None:
@@ -130,7 +155,7 @@ def end_stale_trial_run(study: str, number: int, run_id: str | None = None) -> l
         runs = mlflow.search_runs(search_all_experiments=True, filter_string=where, output_format="list")
     ended = []
     for run in runs:
-        parent = run.data.tags.get("mlflow.parentRunId")
+        parent = run.data.tags.get(PARENT_TAG)
         for rid in [run.info.run_id] + ([parent] if parent else []):
             if client.get_run(rid).info.status == "RUNNING":
                 client.set_tag(rid, "emnist.ended_by", "heartbeat: its worker stopped")
