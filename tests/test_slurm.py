@@ -360,11 +360,18 @@ def test_array_of_two_workers_completes_the_study(array_job):
 
 @pytest.mark.slow
 def test_a_task_requeued_mid_trial_stops_cleanly_and_runs_again(array_job):
+    """`scontrol requeue` in a trial's second epoch: the worker stops cleanly, its trial goes back to the
+    study with the same parameters, the task runs again, and the study completes."""
     import optuna
 
     job = array_job
     job.submit(2, 3, "--epochs", "2")  # trials long enough to be caught in the middle
     trial, task = job.running_trial()
+    deadline = time.monotonic() + 600
+    while "epoch 1/2 " not in job.log(task):  # printed once epoch 1's checkpoint is the trial's
+        if time.monotonic() > deadline:
+            pytest.fail(f"task {task} did not finish an epoch:\n{job.logs(2)}")
+        time.sleep(0.2)
     job.c.run("scontrol", "requeue", f"{job.id}_{task}")
 
     records = job.wait(2)
@@ -376,13 +383,15 @@ def test_a_task_requeued_mid_trial_stops_cleanly_and_runs_again(array_job):
     runs = attempts(job.log(task))
     assert [run.split("\n", 1)[0].split(", ")[1] for run in runs] == ["run 1 on " + socket.gethostname(),
                                                                        "run 2 on " + socket.gethostname()], job.log(task)
-    # The worker stopped on Slurm's SIGTERM: its trial FAIL, its run KILLED (not left RUNNING, not killed -9).
+    # The worker stopped on Slurm's SIGTERM: its trial FAIL, marked as a preemption, once its cleanup was done.
     assert "SIGTERM: failing the current trial and ending its runs as KILLED" in runs[0], runs[0][-3000:]
     assert "\ninterrupted\n" in runs[0], runs[0][-3000:]  # the worker's last word, once its cleanup is done
     stopped = next(t for t in job.store.trials() if t.number == trial.number)
-    assert stopped.state == optuna.trial.TrialState.FAIL
-    run = job.store.run(trial.user_attrs["mlflow_run_id"])
-    assert (run.info.status, run.data.tags["optuna.state"]) == ("KILLED", "FAIL")
+    assert stopped.state == optuna.trial.TrialState.FAIL and stopped.user_attrs["stopped_by"] == "SIGTERM"
+    # It went back to the study with the same parameters, as a queued copy of its own.
+    copies = [t for t in job.store.trials() if t.system_attrs.get("failed_trial") == trial.number]
+    assert len(copies) == 1 and copies[0].params == stopped.params, [(t.number, t.state.name) for t in copies]
+    print(f"trial {trial.number}'s copy: trial {copies[0].number}, {copies[0].state.name}")
     assert "Traceback" not in runs[1], runs[1][-3000:]
     assert_study_done(job, total=3)
 

@@ -102,6 +102,7 @@ def test_rerunning_the_same_study_adds_trials(tiny_study, workdir):
     assert len(queries.study_runs("tiny", "study")) >= 2  # each worker invocation is its own parent run
 
 
+@pytest.mark.slow  # trains a trial of five epochs
 def test_pruning_stops_a_bad_trial(workdir):
     from emnist_exp.config import Config
     from emnist_exp.objective import Objective
