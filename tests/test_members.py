@@ -21,7 +21,9 @@ def batch(workdir):
     return splits.classes, images, np.eye(len(splits.classes), dtype=np.float32)[labels]
 
 
-@pytest.mark.parametrize("arch", sorted(model.ARCHITECTURES))
+# The seed CNN in the fast tier, the others (a Keras model each to build, train and log) in the slow one.
+@pytest.mark.parametrize("arch", [a if a == "cnn" else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in sorted(model.ARCHITECTURES)])
 def test_each_architecture_trains_a_step_and_round_trips_through_mlflow(arch, batch, workdir):
     classes, images, onehot = batch
     spec = TrialSpec(arch=arch, width=16, schedule="onecycle", batch_size=64)
