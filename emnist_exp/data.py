@@ -389,11 +389,14 @@ def training_pipeline(ds: tf.data.Dataset, *, num_classes: int, batch_size: int,
     Epoch e is shuffled with seed + e, so its order depends on the epoch and not on how many
     epochs this dataset object has served: a fit resumed at epoch 3 (epochs=range(2, n)) sees the
     orders the uninterrupted fit saw. Keras reads the epochs one after the other (steps_per_epoch).
+    The epochs are concatenated in Python, each shuffle with a Python-int seed: a tensor seed (from
+    Dataset.range(...).flat_map) makes tf.random's get_seed compare it as a Python bool when the
+    global seed is 0, which fails inside a graph.
     """
-    def one_epoch(epoch):
-        return ds.shuffle(shuffle_buffer, seed=epoch + seed).batch(batch_size, drop_remainder=True)
-
-    out = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(one_epoch)
+    if not len(epochs):
+        raise ValueError(f"training_pipeline needs at least one epoch, got {epochs}")
+    per_epoch = [ds.shuffle(shuffle_buffer, seed=seed + e).batch(batch_size, drop_remainder=True) for e in epochs]
+    out = functools.reduce(tf.data.Dataset.concatenate, per_epoch)
     out = out.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
     if augment is not None:
         out = out.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=AUTOTUNE)

@@ -211,8 +211,11 @@ class Checkpoints:
         self.current = resumed
 
     def publish(self, path: Path, sha256: str, epoch: int) -> None:
-        pointer = {**stored.log_checkpoint(path), "sha256": sha256, "epoch": epoch, "trial": self.trial.number,
-                   "worker": WORKER}
+        try:
+            where = stored.log_checkpoint(path)
+        except OSError as exc:  # the same sentence as the trial's own artifacts: the store refuses writes
+            raise results.artifact_write_error(exc) from None
+        pointer = {**where, "sha256": sha256, "epoch": epoch, "trial": self.trial.number, "worker": WORKER}
         self.trial.set_user_attr(studies.CHECKPOINT, pointer)
         previous, self.current = self.current, pointer
         self._delete(previous, keep=pointer)
