@@ -175,6 +175,9 @@ class TrialCap:
     Unlike optuna.study.MaxTrialsCallback it counts other workers' RUNNING trials too, so the study
     does not overshoot; and while those alone would fill the cap it waits for them (failing dead
     workers' trials as it polls), so a trial lost with its worker is still retried by someone.
+    A queued retry (a WAITING copy of a stopped or lost trial) holds its trial's place: it is counted
+    like a RUNNING trial, and a worker that finds one has room to take it (optimize takes WAITING
+    trials first), so a stopped trial resumes instead of a new one filling its place.
 
     Checking and claiming are one step: a worker that finds room holds the study's lock until
     its next trial exists in the storage (the objective calls `claimed`), so two workers that
@@ -189,13 +192,17 @@ class TrialCap:
 
     def has_room(self, study: optuna.Study, hold: bool = True) -> bool:
         """True if this worker should run another trial; then (with hold) it keeps the lock until `claimed`."""
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
         self.lock.acquire()
         while True:
             fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False, states=states)
             complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-            if complete >= self.total or len(trials) < self.total:
+            running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+            retries = sum(t.state == optuna.trial.TrialState.WAITING and "failed_trial" in t.system_attrs
+                          for t in trials)
+            taken = complete + running
+            if complete >= self.total or taken + retries < self.total or (retries and taken < self.total):
                 if not hold or complete >= self.total:
                     self.lock.release()
                 return complete < self.total

@@ -391,7 +391,13 @@ def test_a_task_requeued_mid_trial_stops_cleanly_and_runs_again(array_job):
     # It went back to the study with the same parameters, as a queued copy of its own.
     copies = [t for t in job.store.trials() if t.system_attrs.get("failed_trial") == trial.number]
     assert len(copies) == 1 and copies[0].params == stopped.params, [(t.number, t.state.name) for t in copies]
-    print(f"trial {trial.number}'s copy: trial {copies[0].number}, {copies[0].state.name}")
+    (copy,) = copies
+    # The copy holds the stopped trial's place in the study, so it is trained, from epoch 1's checkpoint on,
+    # by whichever task takes it first, in the stopped trial's own MLflow run.
+    assert copy.state == optuna.trial.TrialState.COMPLETE, (copy.number, copy.state.name)
+    resumed = f"trial {copy.number} resumes from epoch 2 of 2: trial {trial.number}'s checkpoint of epoch 1"
+    assert resumed in job.log(0) + job.log(1), job.logs(2)
+    assert copy.user_attrs["mlflow_run_id"] == stopped.user_attrs["mlflow_run_id"]
     assert "Traceback" not in runs[1], runs[1][-3000:]
     assert_study_done(job, total=3)
 
