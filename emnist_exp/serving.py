@@ -91,6 +91,8 @@ def to_pixels(images) -> np.ndarray:
     no brightness, and a model would still answer them with confident classes.
     """
     x = np.asarray(images.to_numpy() if isinstance(images, pd.DataFrame) else images)
+    if x.dtype == object:  # as MLflow's scoring server parses JSON under the ensemble's signature: each value as sent
+        x = np.array(x.tolist())
     if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         kind = "booleans" if x.dtype == np.bool_ else f"values of type {x.dtype}"
         raise ValueError(f"pixels must be {PIXEL_CONTRACT}, got {kind}")

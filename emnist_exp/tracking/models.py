@@ -11,7 +11,7 @@ import keras
 import mlflow
 import numpy as np
 from mlflow.models import ModelSignature, infer_signature
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from emnist_exp import serving
 from emnist_exp.tracking.launcher import start_entry_run
@@ -58,6 +58,11 @@ def model_uri(run_id: str) -> str:
 
 
 ENSEMBLE_MODEL = "emnist-ensemble"
+# One input tensor of any shape: the vote checks shape and pixel values itself (serving.to_pixels), so that
+# out-of-contract input gets its sentence. A typed TensorSpec would pin one dtype (uint8 or float) and let
+# MLflow's own check answer first, echoing the whole input in its error; MLflow's JSON parser keeps each
+# value as it came under dtype object, booleans and NaN included, for to_pixels to judge.
+ENSEMBLE_INPUTS = Schema([TensorSpec(np.dtype(object), (-1,))])
 ENSEMBLE_OUTPUTS = Schema([ColSpec("long", "image"), ColSpec("long", "rank"), ColSpec("long", "class_index"),
                            ColSpec("string", "character"), ColSpec("double", "probability")])  # serving.ranked_frame
 
@@ -92,11 +97,10 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
                                              "weights": None if weights is None else weights.tolist()}))
             artifacts = {"ensemble": str(spec_path)}
             artifacts.update({f"member_{i}": download_model(r) for i, r in enumerate(members)})
-            # No input schema: it would pin one dtype, and the model takes uint8 and float alike.
             params = ParamSchema([ParamSpec("top_k", "long", 1)])  # REST clients ask for a top-k this way
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=str(Path(package) / "ensemble_model.py"), artifacts=artifacts,
-                code_paths=[package], signature=ModelSignature(inputs=None, outputs=ENSEMBLE_OUTPUTS, params=params),
+                code_paths=[package], signature=ModelSignature(inputs=ENSEMBLE_INPUTS, outputs=ENSEMBLE_OUTPUTS, params=params),
                 input_example=np.zeros((2, 28, 28), np.uint8),
                 pip_requirements=_pip_requirements() + [f"mlflow=={mlflow.__version__}", "pandas", "scipy"],
                 metadata=serving.classes_metadata(classes),
