@@ -1,4 +1,4 @@
-"""The run lifecycle: the study's parent run, one nested run per trial, how each ends, per-epoch metrics."""
+"""The run lifecycle: the study's parent run, one nested run per trial (ended as endings says), per-epoch metrics."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def trial_run(study: str, number: int, spec: TrialSpec, seed: int, extra_params:
 
     `reopen`: the run of the trial this one resumes. Its learning curve goes on in that run, which
     moves under this worker's study run and takes this trial's number, so that whoever finds this
-    trial lost later ends the right runs (end_stale_trial_run).
+    trial lost later ends the right runs (endings.end_stale_trial_run).
     """
     tags = {ROLE_TAG: "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING", "arch": spec.arch,
             "aug": "on" if spec.augment else "off", "bn": "on" if spec.batch_norm else "off", PRECISION_TAG: policy,
