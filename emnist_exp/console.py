@@ -18,7 +18,9 @@ LOAD_NOISE = re.compile(
     rb"|I\d{4} [\d:. ]+ +\d+ (port\.cc|cudart_stub\.cc|cpu_feature_guard\.cc):\d+\]"
 )
 QUIET_LOGGERS = {
-    "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables..." on a new store
+    # "Creating initial MLflow database tables..." on a new store, and a traceback for every write a full
+    # disk refuses, which MLflow raises anyway (and the worker turns into one sentence)
+    "mlflow.store.db.utils": logging.CRITICAL,
     "mlflow.pyfunc": logging.ERROR,  # "Validating input example against model signature" on every ensemble
 }
 ABSL_NOTICES = (  # tfds' own, through absl logging
@@ -113,10 +115,13 @@ class _LoadFilter:
 
 
 def _no_traceback_for_stops(record) -> bool:
-    """Optuna logs a failed trial's traceback; for a stop (signal, time limit) or a UserError the one line is enough."""
+    """Optuna logs a failed trial's traceback; for a stop (signal, time limit), a UserError or a store that went
+    away (the worker's error sentence names it) the one line is enough."""
     from emnist_exp.errors import UserError  # noqa: PLC0415
     from emnist_exp.signals import TimeLimit  # noqa: PLC0415
+    from emnist_exp.tracking.endings import lost_store  # noqa: PLC0415
 
-    if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, UserError, TimeLimit)):
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and (isinstance(error, (KeyboardInterrupt, UserError, TimeLimit)) or lost_store(error)):
         record.exc_info = None
     return True

@@ -98,6 +98,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         signals.raise_if_stopped()
+        studies.end_abandoned_runs(trial.study)  # Optuna has just failed the stale trials: their runs, and others
         if self.on_start:
             self.on_start()
         spec = suggest_spec(trial, self.cfg.space)

@@ -122,7 +122,7 @@ def _create_storage(url: str, engine_kwargs: dict, heartbeat_interval: int, grac
 
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(
+            return HeartbeatStorage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period, heartbeat_stale_trial_callback=on_stale_trial,
             )
@@ -131,6 +131,22 @@ def _create_storage(url: str, engine_kwargs: dict, heartbeat_interval: int, grac
                 raise
             time.sleep(1 + attempt)
     raise AssertionError("unreachable")
+
+
+class HeartbeatStorage(optuna.storages.RDBStorage):
+    """An RDB storage whose heartbeats skip a beat the database refuses (a full disk, a server restarting).
+
+    Optuna beats from a thread of its own, which an error ends with a traceback and no more beats. A
+    missed beat is what grace_period allows for; the trial's own next write says, once, what is wrong.
+    """
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        import sqlalchemy.exc  # noqa: PLC0415
+
+        try:
+            super().record_heartbeat(trial_id)
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+            pass
 
 
 def _reason(exc: Exception, password: str | None) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import optuna
 
 from emnist_exp import signals, storage as storages
-from emnist_exp.tracking import runs
+from emnist_exp.tracking import endings
 from emnist_exp.config import Config
 from emnist_exp.search import FIRST_POINTS
 
@@ -47,7 +47,7 @@ class RetryStaleTrial:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         try:
-            ended = runs.end_stale_trial_run(study.study_name, trial.number, trial.user_attrs.get("mlflow_run_id"))
+            ended = endings.end_stale_trial_run(study.study_name, trial.number, trial.user_attrs.get("mlflow_run_id"))
         except Exception as exc:  # noqa: BLE001 (the study goes on even if the tracking server is away)
             ended, note = [], f"; its MLflow run could not be ended ({type(exc).__name__}: {exc})"
         else:
@@ -99,10 +99,25 @@ def newest_checkpoint(trial: optuna.Trial) -> dict | None:
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail (and retry) the trials of dead workers now, rather than before this worker's next trial."""
+    """Fail (and retry) the trials of dead workers now, rather than before this worker's next trial; then end
+    the MLflow runs that workers which lost a store left RUNNING (end_abandoned_runs)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    end_abandoned_runs(study)
+
+
+def end_abandoned_runs(study: optuna.Study) -> None:
+    """End the runs no worker will end (endings.end_abandoned_runs), once their trial is grace_period seconds over."""
+    try:
+        ended = endings.end_abandoned_runs(study, getattr(study._storage, "grace_period", None) or 0)
+    except Exception as exc:  # noqa: BLE001 (the study goes on even if the tracking server is away)
+        print(f"[{study.study_name}] note: runs left RUNNING were not checked ({type(exc).__name__}: "
+              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})", file=sys.stderr, flush=True)
+        return
+    if ended:
+        print(f"[{study.study_name}] MLflow runs left RUNNING by a worker that lost its store or exited, ended: "
+              f"{', '.join(ended)}", file=sys.stderr, flush=True)
 
 
 def trial_seed(seed: int, number: int) -> int:

@@ -100,21 +100,25 @@ def run(argv: list[str] | None = None) -> int:
                 # TimeLimit: the trial was stopped and queued again, and the study stopped for this worker
                 study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout or None, callbacks=callbacks,
                                gc_after_trial=True, catch=(signals.TimeLimit,))
-        except BaseException:
-            summary_after_error(study)
+        except BaseException as error:
+            summary_after_error(study, error)
             raise
         finally:
             if cap:
                 cap.lock.release()  # still held if this worker stopped (timeout, error) before claiming a trial
+        studies.end_abandoned_runs(study)  # those whose trial ended within the grace period before this worker's start
         results.log_study_summary(study)
     print(f"runs: {experiments.experiment_url(run.info.experiment_id)} (`mlflow ui` for a local store)", file=sys.stderr)
     return 0
 
 
-def summary_after_error(study) -> None:
-    """The study's summary, if it can still be logged; a failure here must not hide the error that stopped the study."""
-    from emnist_exp.tracking import results  # noqa: PLC0415
+def summary_after_error(study, error: BaseException) -> None:
+    """The study's summary, if it can still be logged; a failure here must not hide the error that stopped the study.
+    After a store went away, none is tried: each write would wait out MLflow's retries first."""
+    from emnist_exp.tracking import endings, results  # noqa: PLC0415
 
+    if endings.lost_store(error):
+        return
     try:
         results.log_study_summary(study)
     except Exception as exc:  # noqa: BLE001 (e.g. the same unwritable artifact store)

@@ -4,7 +4,8 @@
 - store: the local SQLite store, prepared and repaired under a lock;
 - experiments: a study's experiment, the one the user chose, and its address in the UI;
 - launcher: `mlflow run`'s own run, kept, handed over or set back after the CLI exits;
-- runs: the study run, one nested run per trial, how each ends, per-epoch metrics;
+- runs: the study run, one nested run per trial, per-epoch metrics;
+- endings: how a run ends, a lost store's sentence, the runs a lost worker or store left RUNNING;
 - checkpoints: a trial's training state as an artifact of its run, while the trial is unfinished;
 - datasets: the splits as MLflow dataset inputs;
 - results: what a finished trial or study leaves in its run (metrics, predictions, plots);

@@ -63,8 +63,10 @@ def tidy_default(client: mlflow.MlflowClient) -> list[str]:
     """Delete the runs start_entry_run replaced once their `mlflow run` has exited; returns their ids.
 
     `mlflow run` ends its run when its command exits, which moves the end time past the hand-over.
+    The status it writes then says how the command ended (FAILED after a Ctrl-C or an error, KILLED),
+    not how the study did: that is the replacement's. A placeholder goes whatever its end.
     """
-    where = f"tags.`{MOVED_TAG}` LIKE '%' and attributes.status = 'FINISHED'"
+    where = f"tags.`{MOVED_TAG}` LIKE '%' and attributes.status != 'RUNNING'"
     deleted = []
     for run in client.search_runs([DEFAULT_EXPERIMENT_ID], filter_string=where, max_results=1000):
         if (run.info.end_time or 0) > int(run.data.tags.get(HANDED_OVER_TAG, "0")):
@@ -73,6 +75,7 @@ def tidy_default(client: mlflow.MlflowClient) -> list[str]:
     return deleted
 
 
+# `mlflow run` sets its run's status after its child exits unless the run is already terminated, but
 # its check (projects._maybe_set_run_terminated in mlflow 3.17) hands RunStatus.is_terminated a
 # string, so it always overwrites: a Ctrl-C'd study would end FAILED. This waits, detached from the
 # terminal's Ctrl-C, for the CLI to exit and sets the status back.

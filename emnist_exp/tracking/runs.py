@@ -1,4 +1,4 @@
-"""The run lifecycle: the study's parent run, one nested run per trial, how each ends, per-epoch metrics."""
+"""The run lifecycle: the study's parent run, one nested run per trial (ended as endings says), per-epoch metrics."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from typing import Any, Iterator
 import keras
 import mlflow
 import numpy as np
-import optuna
+from mlflow.entities import RunTag
 
 from emnist_exp import plots
-from emnist_exp.signals import TimeLimit
 from emnist_exp.spec import TrialSpec
+from emnist_exp.tracking import endings
 from emnist_exp.tracking.launcher import kept_after_launcher, start_entry_run
 from emnist_exp.tracking.store import prepare_local_store
-from emnist_exp.tracking.tags import (PARENT_TAG, PRECISION_TAG, RESUMED_TAG, ROLE_TAG, STATE_TAG, STOPPED_TAG,
-                                      STUDY_TAG, TRIAL_TAG, WORKER_TAG, quoted)
+from emnist_exp.tracking.tags import (PARENT_TAG, PRECISION_TAG, RESUMED_TAG, ROLE_TAG, STATE_TAG, STUDY_TAG,
+                                      TRIAL_TAG, WORKER_TAG)
 
 
 def git_commit() -> str:
@@ -45,7 +45,7 @@ def study_run(config: dict[str, Any], *, storage: str, sampler: str, policy: str
     launched = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run`'s run, which start_entry_run may keep
     run = start_entry_run(run_name=f"study-{config['study']}", tags=tags, experiment=config["study"])
     kept = launched is not None and run.info.run_id == launched  # then `mlflow run`, our parent, ends it too
-    with _ending(run, launcher=os.getppid() if kept else None):
+    with _study_ending(storage, run.info.run_id, launcher=os.getppid() if kept else None):
         # `mlflow run` already logged the raw -P values under their own names: resolved ones get a prefix.
         mlflow.log_params({**{f"config.{k}": v for k, v in config.items()}, "precision_policy": policy})
         mlflow.log_dict(config, "config.json")
@@ -53,25 +53,21 @@ def study_run(config: dict[str, Any], *, storage: str, sampler: str, policy: str
 
 
 @contextlib.contextmanager
-def _ending(run: mlflow.ActiveRun, on_error: str = "FAILED", launcher: int | None = None) -> Iterator[None]:
-    """End `run` as FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, whatever happens inside.
+def _study_ending(storage: str, run_id: str, launcher: int | None) -> Iterator[None]:
+    """The study run ends as endings.outcome says; a store lost mid-study is one sentence (endings.store_lost_error).
 
     `launcher` is the pid of the `mlflow run` CLI that created the run, if any: see kept_after_launcher.
     """
-    status = on_error
     try:
-        yield
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+        with endings.ending():
+            yield
+    except BaseException as error:
+        if launcher and endings.outcome(error)[0] == "KILLED":
+            kept_after_launcher(run_id, "KILLED", launcher)
+        lost = endings.store_lost_error(error, storage) if isinstance(error, Exception) else None
+        if lost is not None:
+            raise lost from None
         raise
-    finally:
-        mlflow.end_run(status)
-        if launcher and status == "KILLED":
-            kept_after_launcher(run.info.run_id, status, launcher)
-
-
-# `mlflow run` sets its run's status after its child exits unless the run is already terminated, but
 
 
 RUN_COLOUR_TAG = "mlflow.runColor"  # the UI's colour for a run in its charts and table
@@ -89,36 +85,22 @@ def trial_run(study: str, number: int, spec: TrialSpec, seed: int, extra_params:
 
     `reopen`: the run of the trial this one resumes. Its learning curve goes on in that run, which
     moves under this worker's study run and takes this trial's number, so that whoever finds this
-    trial lost later ends the right runs (end_stale_trial_run).
+    trial lost later ends the right runs (endings.end_stale_trial_run).
     """
     tags = {ROLE_TAG: "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING", "arch": spec.arch,
             "aug": "on" if spec.augment else "off", "bn": "on" if spec.batch_norm else "off", PRECISION_TAG: policy,
             RUN_COLOUR_TAG: plots.trial_colour(number)}
     if reopen:
         tags[PARENT_TAG] = mlflow.active_run().info.run_id
+        # Retagged before it is RUNNING again: end_abandoned_runs must never see it RUNNING under the lost trial.
+        mlflow.MlflowClient().log_batch(reopen, tags=[RunTag(k, v) for k, v in tags.items()])
         run = mlflow.start_run(run_id=reopen, nested=True, tags=tags)
     else:
         run = mlflow.start_run(run_name=trial_run_name(number, spec), nested=True, tags=tags)
-    status = "FAILED"
-    try:
+    with endings.ending(trial=True):
         if not reopen:  # a reopened run has them, from the same parameters and seed
             mlflow.log_params({**spec.params(), "seed": seed, "precision_policy": policy, **extra_params})
         yield run
-        status = "FINISHED"
-    except optuna.TrialPruned:
-        mlflow.set_tag(STATE_TAG, "PRUNED")
-        status = "FINISHED"  # pruning is the search working as meant, not a failure
-        raise
-    except (KeyboardInterrupt, TimeLimit) as stop:  # a preemption: the trial is queued again, not failed for good
-        mlflow.set_tags({STATE_TAG: "FAIL", STOPPED_TAG: "timeout" if isinstance(stop, TimeLimit) else
-                         str(stop) or "SIGINT"})
-        status = "KILLED"
-        raise
-    except BaseException:
-        mlflow.set_tag(STATE_TAG, "FAIL")
-        raise
-    finally:
-        mlflow.end_run(status)
 
 
 def mark_resumed(number: int, resumed_from: int, epoch: int, history: dict[str, list[float]]) -> None:
@@ -135,35 +117,6 @@ def mark_resumed(number: int, resumed_from: int, epoch: int, history: dict[str, 
 
 def set_state(state: str) -> None:
     mlflow.set_tag(STATE_TAG, state)
-
-
-def end_stale_trial_run(study: str, number: int, run_id: str | None = None) -> list[str]:
-    """End a dead worker's trial run, and its study run if still RUNNING, as FAILED. Returns their ids.
-
-    The run is the trial's `mlflow_run_id`, or (killed before it was recorded, or a retry still
-    carrying its original's id) the RUNNING trial run tagged with this study and trial number.
-    """
-    client = mlflow.MlflowClient()
-    runs = []
-    if run_id:
-        run = client.get_run(run_id)
-        if run.data.tags.get(STUDY_TAG) == study and run.data.tags.get(TRIAL_TAG) == str(number):
-            runs = [run]
-    if not runs:
-        where = (f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = {quoted(study)} and "
-                 f"tags.`{TRIAL_TAG}` = '{number}' and attributes.status = 'RUNNING'")
-        runs = mlflow.search_runs(search_all_experiments=True, filter_string=where, output_format="list")
-    ended = []
-    for run in runs:
-        parent = run.data.tags.get(PARENT_TAG)
-        for rid in [run.info.run_id] + ([parent] if parent else []):
-            if client.get_run(rid).info.status == "RUNNING":
-                client.set_tag(rid, "emnist.ended_by", "heartbeat: its worker stopped")
-                if rid == run.info.run_id:
-                    client.set_tag(rid, STATE_TAG, "FAIL")
-                client.set_terminated(rid, "FAILED")
-                ended.append(rid)
-    return ended
 
 
 class EpochLogger(keras.callbacks.Callback):
