@@ -190,7 +190,7 @@ def test_the_ensemble_is_a_logged_model_that_loads_without_warnings_and_answers_
     assert model.metadata.saved_input_example_info is not None
     # Inputs (1) on the model's page: a batch of images, each value as sent (the vote checks shape and pixels)
     assert model.metadata.get_input_schema().to_dict() == [{"type": "tensor",
-                                                            "tensor-spec": {"dtype": "object", "shape": [-1]}}]
+                                                            "tensor-spec": {"dtype": "object", "shape": (-1,)}}]
     assert list(top3["image"]) == [0, 0, 0, 1, 1, 1, 2, 2, 2] and list(top3["rank"]) == [1, 2, 3] * 3
     for _, rows in top3.groupby("image"):
         assert list(rows["probability"]) == sorted(rows["probability"], reverse=True)
