@@ -98,13 +98,14 @@ def newest_checkpoint(trial: optuna.Trial) -> dict | None:
     return max(found, key=lambda c: c["epoch"]) if found else None
 
 
-def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail (and retry) the trials of dead workers now, rather than before this worker's next trial; then end
-    the MLflow runs that workers which lost a store left RUNNING (end_abandoned_runs)."""
+def fail_stale_trials(study: optuna.Study, runs: bool = True) -> None:
+    """Fail (and retry) the trials of dead workers now, rather than before this worker's next trial; then (with
+    `runs`) end the MLflow runs that workers which lost a store left RUNNING (end_abandoned_runs)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    end_abandoned_runs(study)
+    if runs:
+        end_abandoned_runs(study)
 
 
 def end_abandoned_runs(study: optuna.Study) -> None:
@@ -173,11 +174,34 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
         self.tpe.reseed_rng()
 
 
+class RetriesFirstStudy(optuna.Study):
+    """A study whose workers take a queued retry before any other WAITING trial.
+
+    Optuna pops WAITING trials by number, so a retry (queued when its trial stopped) would wait behind
+    the first points enqueued when the study began, and with total_trials the study could fill up
+    before it resumed. Overrides Study._pop_waiting_trial_id (Optuna 5.1, as locked), keeping its
+    claim: the first worker to set a trial RUNNING has it.
+    """
+
+    def _pop_waiting_trial_id(self) -> int | None:
+        waiting = self._storage.get_all_trials(self._study_id, deepcopy=False,
+                                               states=(optuna.trial.TrialState.WAITING,))
+        for trial in sorted(waiting, key=lambda t: "failed_trial" not in t.system_attrs):  # stable: by number
+            try:
+                if self._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.RUNNING):
+                    return trial._trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
+
+
 def make_study(cfg: Config, storage: optuna.storages.BaseStorage) -> optuna.Study:
     # constant_liar: workers treat each other's running trials as bad, so they don't all sample one point.
     sampler = TrialSeededTPE(cfg.seed, constant_liar=True)
-    study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler,
-                                pruner=make_pruner(cfg.pruner), direction="maximize", load_if_exists=True)
+    pruner = make_pruner(cfg.pruner)
+    optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler, pruner=pruner,
+                        direction="maximize", load_if_exists=True)
+    study = RetriesFirstStudy(study_name=cfg.study, storage=storage, sampler=sampler, pruner=pruner)
     for params in FIRST_POINTS.get(cfg.space, []):
         # skip_if_exists: a continued study, or a second worker, does not queue them again
         study.enqueue_trial(params, skip_if_exists=True)
@@ -191,8 +215,8 @@ class TrialCap:
     does not overshoot; and while those alone would fill the cap it waits for them (failing dead
     workers' trials as it polls), so a trial lost with its worker is still retried by someone.
     A queued retry (a WAITING copy of a stopped or lost trial) holds its trial's place: it is counted
-    like a RUNNING trial, and a worker that finds one has room to take it (optimize takes WAITING
-    trials first), so a stopped trial resumes instead of a new one filling its place.
+    like a RUNNING trial, and a worker that finds one has room to take it (RetriesFirstStudy hands it
+    out first), so a stopped trial resumes instead of a new one filling its place.
 
     Checking and claiming are one step: a worker that finds room holds the study's lock until
     its next trial exists in the storage (the objective calls `claimed`), so two workers that
@@ -210,7 +234,7 @@ class TrialCap:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
         self.lock.acquire()
         while True:
-            fail_stale_trials(study)
+            fail_stale_trials(study, runs=hold)  # a late worker's first look (hold=False) stays off the tracking store
             trials = study.get_trials(deepcopy=False, states=states)
             complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
             running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)

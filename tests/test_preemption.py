@@ -261,3 +261,43 @@ def test_the_time_limit_stops_at_an_epochs_end_when_the_next_epoch_would_not_fit
     past = StopAtDeadline(deadline=now - 1)
     with pytest.raises(signals.TimeLimit, match="mid-epoch"):
         past.on_train_batch_end(3)
+
+
+def test_a_queued_retry_is_taken_before_the_first_points_and_holds_its_place(tmp_path):
+    """The study's first points wait in the queue from its start; a stopped trial's copy goes before them,
+    and with total_trials the copy counts as taken, so the study cannot fill up while it waits."""
+    import optuna
+
+    from emnist_exp import storage as storages
+    from emnist_exp.config import Config
+    from emnist_exp.search import FIRST_POINTS, suggest_spec
+    from emnist_exp.study import TrialCap, make_study, requeue
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = Config(study="retries-first", storage=url, space="demo")
+    assert len(FIRST_POINTS["demo"]) >= 3
+    study = make_study(cfg, optuna.storages.get_storage(url))
+
+    def frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+        return study._storage.get_trial(trial._trial_id)
+
+    stopped = study.ask()  # the first enqueued point, stopped mid-trial: FAIL, and a copy queued
+    suggest_spec(stopped, cfg.space)
+    requeue(study, frozen(stopped), "SIGTERM")
+    study.tell(stopped, state=optuna.trial.TrialState.FAIL)
+    copy = study.ask()
+    assert frozen(copy).system_attrs["failed_trial"] == stopped.number and copy.params == stopped.params
+    assert copy.number > stopped.number + 1  # the other first points were queued before it, and still wait
+    study.tell(copy, 0.5)
+
+    waiting = len(FIRST_POINTS["demo"]) - 1
+    cap = TrialCap(2, storages.StudyLock(url, cfg.study), n_trials=5, poll_seconds=0.1)
+    assert cap.has_room(study, hold=False)  # 1 of 2 COMPLETE: room for one more
+    again = study.ask()
+    suggest_spec(again, cfg.space)
+    requeue(study, frozen(again), "SIGTERM")
+    study.tell(again, state=optuna.trial.TrialState.FAIL)
+    # 1 COMPLETE + a queued retry fill the cap, and there is room to take the retry, which comes first
+    assert cap.has_room(study, hold=False)
+    assert frozen(study.ask()).system_attrs["failed_trial"] == again.number
+    assert len([t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]) == waiting - 1
