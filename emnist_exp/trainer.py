@@ -95,7 +95,8 @@ def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: i
                              accuracy=soft_targets.label_accuracy(num_classes))
     augmenter = models.build_augmenter(spec, seed)
     # mode="max": Keras infers it from the metric's name, which a student's own accuracy metric does not give
-    stop = checkpoint.ResumableEarlyStopping("val_accuracy", patience=patience, mode="max", restore_best_weights=True)
+    stop = checkpoint.ResumableEarlyStopping("val_accuracy", patience=patience, mode="max",
+                                             restore_best_weights=True)
     first = 0
     if resume is not None:
         checkpoint.restore(resume, net, stop)
@@ -103,8 +104,8 @@ def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: i
     # A student's augmented image keeps the soft target of the image as stored: the teacher saw
     # each train image once, un-augmented, and the label term still matches the augmented one.
     train_ds = data.training_pipeline(
-        splits.train if teacher is None else teacher.paired(splits.train), num_classes=num_classes, batch_size=batch_size, seed=seed,
-        shuffle_buffer=shuffle_buffer, augment=augmenter, epochs=range(first, epochs),
+        splits.train if teacher is None else teacher.paired(splits.train), num_classes=num_classes,
+        batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, augment=augmenter, epochs=range(first, epochs),
     )
     val_ds = data.eval_pipeline(splits.val, batch_size=EVAL_BATCH, num_classes=num_classes)
     nan = keras.callbacks.TerminateOnNaN()

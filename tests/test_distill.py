@@ -16,6 +16,52 @@ from emnist_exp import distill, evaluate, predict, serving
 from test_serving import characters, mlflow_serve
 
 
+# ---- the loss and the pipeline on hand-made numbers ----------------------------------------------
+
+
+def test_the_loss_is_alpha_t2_kl_plus_cross_entropy_and_plain_ce_on_validation():
+    from emnist_exp import soft_targets
+
+    rng = np.random.default_rng(0)
+    student_p, teacher_p = rng.dirichlet(np.ones(5), 8), rng.dirichlet(np.ones(5), 8)
+    hot = np.eye(5)[rng.integers(0, 5, 8)]
+    t, alpha = 3.0, 0.7
+
+    def tempered(p):
+        z = np.exp(np.log(p) / t)
+        return z / z.sum(axis=1, keepdims=True)
+
+    kl = np.sum(tempered(teacher_p) * np.log(tempered(teacher_p) / tempered(student_p)), axis=1)
+    ce = -np.sum(hot * np.log(student_p), axis=1)
+    loss = soft_targets.DistillationLoss(5, t, alpha)
+    both = np.concatenate([hot, teacher_p], axis=1).astype(np.float32)
+    assert float(loss(both, student_p.astype(np.float32))) == pytest.approx(np.mean(alpha * t * t * kl
+                                                                                    + (1 - alpha) * ce), rel=1e-4)
+    assert float(loss(hot.astype(np.float32), student_p.astype(np.float32))) == pytest.approx(np.mean(ce), rel=1e-4)
+
+
+def test_each_soft_target_stays_with_its_image_through_shuffle_and_batches():
+    import tensorflow as tf
+
+    from emnist_exp import data, soft_targets
+
+    n = 40
+    images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 28, 28, 1), np.uint8)
+    labels = np.arange(n) % 5
+    targets = np.eye(n, dtype=np.float16)  # example i's target names i
+    train = tf.data.Dataset.from_tensor_slices((images, labels))
+    paired = soft_targets.Teacher(targets).paired(train)
+    for x, y in data.training_pipeline(paired, num_classes=5, batch_size=8, seed=3, shuffle_buffer=40,
+                                       epochs=range(2)).as_numpy_iterator():
+        index = x[:, 0, 0, 0].astype(int)
+        assert y.shape == (8, 5 + n)
+        np.testing.assert_array_equal(y[:, :5].argmax(axis=1), labels[index])
+        np.testing.assert_array_equal(y[:, 5:].argmax(axis=1), index)
+
+
+# ---- on the tiny study's ensemble ---------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def student(tiny_ensemble) -> dict:
     """The tiny study's latest ensemble distilled for one epoch; what it printed and the run it logged."""
@@ -24,7 +70,8 @@ def student(tiny_ensemble) -> dict:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         # A small seed CNN, not the best member's recipe: any architecture will do, and it trains fastest.
-        code = distill.main(["--study", "tiny", "--arch", "cnn", "--width", "16", "--epochs", "1", "--precision", "float32"])
+        code = distill.main(["--study", "tiny", "--arch", "cnn", "--width", "16", "--epochs", "1",
+                             "--precision", "float32"])
     assert code == 0
     (run,) = queries.study_runs("tiny", "distilled")
     version = models.latest_version("emnist-distilled")

@@ -112,7 +112,7 @@ GRAPH = "graph"
 
 
 def log_graph(graph: keras.Model, classes: tuple[str, ...], filename: str = "ensemble.keras") -> None:
-    """One graph (the ensemble's vote, a student) for TF Serving and TFLite: .keras, SavedModel (`serve`), class list."""
+    """One graph (the ensemble's vote, or a student) for TF Serving and TFLite: .keras, SavedModel, class list."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / GRAPH
         folder.mkdir()

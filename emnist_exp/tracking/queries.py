@@ -63,7 +63,8 @@ def ensemble_run(run_id: str) -> mlflow.entities.Run:
     try:
         run = mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise UserError(f"there is no run {run_id} in the tracking store {redact(mlflow.get_tracking_uri())}.") from None
+        where = redact(mlflow.get_tracking_uri())
+        raise UserError(f"there is no run {run_id} in the tracking store {where}.") from None
     role = run.data.tags.get(ROLE_TAG)
     if role != "ensemble":
         raise UserError(f"run {run_id} is not an ensemble run (its {ROLE_TAG} tag is {role or 'missing'}): "
