@@ -167,16 +167,19 @@ def schedule_callbacks(spec: TrialSpec) -> list[keras.callbacks.Callback]:
     return []
 
 
-def compile_model(model: keras.Model, spec: TrialSpec, steps_per_epoch: int, epochs: int) -> keras.Model:
-    """Adam and cross-entropy; under mixed_float16 Keras wraps the optimiser in a LossScaleOptimizer itself.
+def compile_model(model: keras.Model, spec: TrialSpec, steps_per_epoch: int, epochs: int,
+                  loss: keras.losses.Loss | None = None, accuracy: keras.metrics.Metric | str = "accuracy"
+                  ) -> keras.Model:
+    """Adam and cross-entropy (or `loss`, e.g. a student's distillation loss, with its `accuracy`); under
+    mixed_float16 Keras wraps the optimiser in a LossScaleOptimizer itself.
 
     XLA is off: Keras' "auto" would turn it on wherever a GPU is visible, and it has not been shown
     to pay on CPU (benchmarks/precision.py times it) nor measured on a GPU.
     """
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate(spec, steps_per_epoch, epochs)),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
-        metrics=["accuracy"],
+        loss=loss or keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
+        metrics=[accuracy],
         jit_compile=False,
     )
     return model

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if report.ensembles:
         print()
         print(text_table(*reporting.ensemble_table(report.ensembles)))
+    if report.students:
+        print()
+        print(text_table(*reporting.distilled_table(report.students)))
     print(f"\nreport: {report.uri}/{reporting.FOLDER}/report.md ({report.figures} plots) in run {report.run_id}")
     return 0
 

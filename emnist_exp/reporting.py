@@ -69,6 +69,37 @@ def ensemble_rows(runs) -> list[dict]:
     return rows
 
 
+def distilled_rows(runs) -> list[dict]:
+    """One row per distilled student (newest first), with its teacher's and the teacher's best member's numbers."""
+    rows = []
+    for run in runs:
+        m = run.data.metrics
+        rows.append({"name": run.info.run_name or run.info.run_id[:8], "run_id": run.info.run_id,
+                     "teacher": run.data.tags.get("distill.teacher", ""),
+                     **{k: m.get(k, math.nan) for k in (
+                         "val_accuracy", "test_accuracy", "param_count", "student_images_per_second",
+                         "teacher_val_accuracy", "teacher_test_accuracy", "teacher_param_count",
+                         "teacher_images_per_second", "best_member_val_accuracy", "best_member_test_accuracy",
+                         "best_member_param_count")}})
+    return rows
+
+
+def distilled_table(students: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Each student under its teacher ensemble and the ensemble's best member: accuracy, size, images/s."""
+    def count(value: float) -> str:
+        return "" if math.isnan(value) else f"{value:,.0f}"
+
+    header = ["model", "val_acc", "test_acc", "params", "images/s"]
+    rows = []
+    for s in students:
+        for name, prefix, speed in ((f"teacher ensemble {s['teacher'][:8]}", "teacher_", "teacher_images_per_second"),
+                                    ("its best member", "best_member_", ""),
+                                    (f"student {s['name']}", "", "student_images_per_second")):
+            rows.append([name, acc(s[f"{prefix}val_accuracy"]), acc(s[f"{prefix}test_accuracy"]),
+                         count(s[f"{prefix}param_count"]), count(s[speed]) if speed else ""])
+    return header, rows
+
+
 def acc(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.4f}"
 
@@ -154,7 +185,8 @@ def figures(trials: list[dict], ensembles: list[dict]) -> dict[str, object]:
     return out
 
 
-def markdown(study: str, trials: list[dict], ensembles: list[dict], plots: list[str], parents: int) -> str:
+def markdown(study: str, trials: list[dict], ensembles: list[dict], plots: list[str], parents: int,
+             students: list[dict] | None = None) -> str:
     """The report: where it comes from, the trials, the ensembles, the on/off comparisons, the plots."""
     states = {s: sum(r["state"] == s for r in trials) for s in sorted({r["state"] for r in trials})}
     done = complete(trials)
@@ -168,6 +200,10 @@ def markdown(study: str, trials: list[dict], ensembles: list[dict], plots: list[
         "## Ensembles", markdown_table(*ensemble_table(ensembles)) if ensembles else
         "No ensemble yet: `python -m emnist_exp.ensemble --study " + study + "` votes the best trials into one.",
     ]
+    if students:
+        parts += ["## Distilled students", "Each student beside its teacher ensemble and the ensemble's best "
+                  "member; images/s on validation images in the student's run (the ensemble's exported graph).",
+                  markdown_table(*distilled_table(students))]
     for switch, (title, name) in SWITCHES.items():
         if done:
             parts += [f"## {title.capitalize()}: off against on (complete trials)", group_table(groups(done, switch))]
@@ -188,6 +224,7 @@ class Report:
     study: str
     trials: list[dict]
     ensembles: list[dict]
+    students: list[dict]
     text: str
     figures: int
     run_id: str
@@ -207,7 +244,8 @@ def write_report(study: str | None = None) -> Report:
         raise UserError(f"study {study!r} has no {'parent run' if not parents else 'trial runs'} in this "
                         "tracking store: check --study, or MLFLOW_TRACKING_URI.")
     ensembles = ensemble_rows(queries.study_runs(study, "ensemble"))
+    students = distilled_rows(queries.study_runs(study, "distilled"))
     figs = figures(trials, ensembles)
-    text = markdown(study, trials, ensembles, [p.split("/")[-1] for p in figs], len(parents))
+    text = markdown(study, trials, ensembles, [p.split("/")[-1] for p in figs], len(parents), students)
     uri = results.log_to_run(parents[0].info.run_id, {f"{FOLDER}/report.md": text}, figs)
-    return Report(study, trials, ensembles, text, len(figs), parents[0].info.run_id, uri)
+    return Report(study, trials, ensembles, students, text, len(figs), parents[0].info.run_id, uri)

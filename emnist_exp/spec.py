@@ -36,6 +36,12 @@ class TrialSpec:
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_run_params(cls, params: dict[str, str]) -> TrialSpec:
+        """The spec a trial run logged (params(); MLflow keeps each value as a string) with its types back."""
+        kinds = {"bool": lambda text: text == "True", "int": int, "float": float, "str": str}
+        return cls(**{f.name: kinds[f.type](params[f.name]) for f in dataclasses.fields(cls) if f.name in params})
+
     def short_name(self) -> str:
         """What a run list should show at a glance: `vgg5-32 noaug bn drop0.3`."""
         augment = "aug" if self.augment else "noaug"

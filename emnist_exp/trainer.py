@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from emnist_exp import checkpoint, data, model as models, precision
+from emnist_exp import checkpoint, data, model as models, precision, soft_targets
 from emnist_exp.spec import TrialSpec
 from emnist_exp.voting import accuracy
 
@@ -72,12 +72,15 @@ class EpochLine(keras.callbacks.Callback):
 def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: int, seed: int,
                shuffle_buffer: int, callbacks: list | None = None, verbose: int = 2,
                policy: str = "float32", resume: checkpoint.TrainingState | None = None,
-               publish: checkpoint.Publish | None = None) -> TrainResult:
+               publish: checkpoint.Publish | None = None, teacher: soft_targets.Teacher | None = None
+               ) -> TrainResult:
     """Fit in a Keras dtype policy with early stopping on validation accuracy (best weights kept),
     then predict val and test with the float32 model that leaves the trial.
 
     `resume`: a checkpoint of this spec's fit, which goes on from its next epoch. `publish`: given
     the checkpoint file of every epoch (see checkpoint.Checkpointer); without it none is written.
+    `teacher`: soft targets over splits.train, which make this fit a student's (soft_targets.Teacher);
+    its model leaves compiled with the plain loss, so that it loads with Keras alone.
     """
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
@@ -85,16 +88,24 @@ def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: i
     net = models.build_model(spec, num_classes, policy)
     batch_size = min(spec.batch_size, splits.counts["train"])  # whole batches only (see training_pipeline)
     steps = splits.counts["train"] // batch_size
-    models.compile_model(net, spec, steps, epochs)
+    if teacher is None:
+        models.compile_model(net, spec, steps, epochs)
+    else:
+        models.compile_model(net, spec, steps, epochs, loss=teacher.loss(num_classes, spec.label_smoothing),
+                             accuracy=soft_targets.label_accuracy(num_classes))
     augmenter = models.build_augmenter(spec, seed)
-    stop = checkpoint.ResumableEarlyStopping("val_accuracy", patience=patience, restore_best_weights=True)
+    # mode="max": Keras infers it from the metric's name, which a student's own accuracy metric does not give
+    stop = checkpoint.ResumableEarlyStopping("val_accuracy", patience=patience, mode="max",
+                                             restore_best_weights=True)
     first = 0
     if resume is not None:
         checkpoint.restore(resume, net, stop)
         first = resume.epoch
+    # A student's augmented image keeps the soft target of the image as stored: the teacher saw
+    # each train image once, un-augmented, and the label term still matches the augmented one.
     train_ds = data.training_pipeline(
-        splits.train, num_classes=num_classes, batch_size=batch_size, seed=seed,
-        shuffle_buffer=shuffle_buffer, augment=augmenter, epochs=range(first, epochs),
+        splits.train if teacher is None else teacher.paired(splits.train), num_classes=num_classes,
+        batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, augment=augmenter, epochs=range(first, epochs),
     )
     val_ds = data.eval_pipeline(splits.val, batch_size=EVAL_BATCH, num_classes=num_classes)
     nan = keras.callbacks.TerminateOnNaN()
@@ -114,6 +125,9 @@ def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: i
     seconds = (resume.seconds if resume else 0.0) + time.perf_counter() - started
     diverged = any(not math.isfinite(v) for v in history.get("loss", []))
     net = precision.float32_copy(net, lambda: models.build_model(spec, num_classes))
+    if teacher is not None:
+        models.compile_model(net, spec, steps, epochs)
+        net.optimizer.build(net.trainable_variables)  # saved with its slots, as a trial's: no warning on load
     result = TrainResult(net, history, seconds, val_probs=np.zeros((0, num_classes)),
                          val_labels=splits.val_labels, diverged=diverged)
     if diverged:

@@ -231,3 +231,18 @@ def test_preemption_benchmark_smoke(workdir):
                                         "restart: second worker's start to its resume line"))
     # Without augmentation the resumed fit repeats the uninterrupted one.
     assert abs(float(rows["val accuracy, uninterrupted"]) - float(rows["val accuracy, preempted and resumed"])) <= 0.005
+
+
+def test_distill_benchmark_smoke(workdir, tmp_path):
+    """Train, ensemble and distill for real in fresh stores; the table says the data is a stand-in."""
+    out = run_script("distill.py", "--smoke", "--workdir", str(tmp_path))
+    assert "synthetic: a stand-in, not EMNIST" in out, out
+    rows = re.findall(r"^(ensemble graph \(soft x2\)|best member by validation|student cnn-16)\s+([\d.]+)\s+([\d.]+)"
+                      r"\s+([\d,]+)\s*([\d,]*)\s*([\d.]*)x?$", out, flags=re.M)
+    assert [r[0] for r in rows] == ["ensemble graph (soft x2)", "best member by validation", "student cnn-16"], out
+    ensemble, member, student = rows
+    assert all(0 <= float(r[1]) <= 1 and 0 <= float(r[2]) <= 1 for r in rows)
+    assert int(student[3].replace(",", "")) < int(ensemble[3].replace(",", ""))  # one net against two
+    assert ensemble[5] == "1.00" and float(student[4].replace(",", "")) > 0  # rates measured in this run
+    assert re.search(r"^student - ensemble \(test\): [+-][\d.]+ points; student - best member \(test\): "
+                     r"[+-][\d.]+ points$", out, flags=re.M), out

@@ -8,9 +8,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "emnist_exp"
 BENCHMARKS = PACKAGE.parent / "benchmarks"
 
-ENTRY_POINTS = {"train", "ensemble", "evaluate", "predict", "report", "stores"}
+ENTRY_POINTS = {"train", "ensemble", "evaluate", "predict", "report", "stores", "distill"}
 SERVICES = {"tracking", "study", "objective", "storage", "serving", "search", "config", "console", "members",
-            "assembly", "reporting", "ensemble_model"}  # ensemble_model: the file MLflow runs to make the ensemble pyfunc (serving's)
+            "assembly", "reporting", "ensemble_model", "distillation"}  # ensemble_model: the file MLflow runs to make the ensemble pyfunc (serving's)
 # Everything else is core, a module added later included: it has to earn a place above.
 CORE_FORBIDDEN = {"optuna", "mlflow", "optuna_integration"}
 

@@ -17,7 +17,8 @@ from emnist_exp import config
 from emnist_exp.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRY_MODULES = {"train": "emnist_exp.train", "main": "emnist_exp.train", "ensemble": "emnist_exp.ensemble"}
+ENTRY_MODULES = {"train": "emnist_exp.train", "main": "emnist_exp.train", "ensemble": "emnist_exp.ensemble",
+                 "distill": "emnist_exp.distill"}
 
 
 def mlproject() -> dict:
@@ -57,7 +58,7 @@ def flag_types(module: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("entry", ["train", "ensemble"])
+@pytest.mark.parametrize("entry", ["train", "ensemble", "distill"])
 def test_mlproject_parameters_and_flags_match_both_ways_with_real_types(entry):
     parameters = mlproject()["entry_points"][entry]["parameters"]
     flags = flag_types(ENTRY_MODULES[entry])

@@ -115,19 +115,19 @@ def log_ensemble(*, experiment_id: str, study: str | None, strategy: str, member
 GRAPH = "graph"
 
 
-def log_graph(graph: keras.Model, classes: tuple[str, ...]) -> None:
-    """The one-graph ensemble for TF Serving and TFLite: .keras, SavedModel (`serve`), class list."""
+def log_graph(graph: keras.Model, classes: tuple[str, ...], filename: str = "ensemble.keras") -> None:
+    """One graph (the ensemble's vote, or a student) for TF Serving and TFLite: .keras, SavedModel, class list."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / GRAPH
         folder.mkdir()
-        graph.save(folder / "ensemble.keras")
+        graph.save(folder / filename)
         graph.export(str(folder / "saved_model"), verbose=False)
         (folder / "classes.json").write_text(json.dumps(list(classes)))
         mlflow.log_artifacts(str(folder), GRAPH)
 
 
 def download_graph(run_id: str) -> Path:
-    """The ensemble run's graph folder: ensemble.keras, saved_model/, classes.json."""
+    """A run's graph folder: ensemble.keras (student.keras for a student), saved_model/, classes.json."""
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=GRAPH))
 
 
@@ -135,3 +135,8 @@ def latest_version(name: str) -> str | None:
     """The highest version of a registered model, or None when it has none."""
     versions = mlflow.MlflowClient().search_model_versions(f"name = {quoted(name)}")
     return str(max(int(v.version) for v in versions)) if versions else None
+
+
+def register(model_id: str, name: str) -> str:
+    """A LoggedModel registered as a new version of `name`; returns the version."""
+    return str(mlflow.register_model(f"models:/{model_id}", name).version)

@@ -56,3 +56,23 @@ def study_runs(study: str, role: str) -> list[mlflow.entities.Run]:
     where = f"tags.`{ROLE_TAG}` = {quoted(role)} and tags.`{STUDY_TAG}` = {quoted(study)}"
     return mlflow.search_runs(search_all_experiments=True, filter_string=where,
                               order_by=["attributes.start_time DESC"], output_format="list")
+
+
+def ensemble_run(run_id: str) -> mlflow.entities.Run:
+    """An ensemble run by id; anything else (no such run, a trial run) is a UserError."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        where = redact(mlflow.get_tracking_uri())
+        raise UserError(f"there is no run {run_id} in the tracking store {where}.") from None
+    role = run.data.tags.get(ROLE_TAG)
+    if role != "ensemble":
+        raise UserError(f"run {run_id} is not an ensemble run (its {ROLE_TAG} tag is {role or 'missing'}): "
+                        "pass the run id that `python -m emnist_exp.ensemble` printed.")
+    return run
+
+
+def latest_ensemble(study: str) -> mlflow.entities.Run | None:
+    """The study's most recent finished ensemble run, or None."""
+    done = [r for r in study_runs(study, "ensemble") if r.info.status == "FINISHED"]
+    return done[0] if done else None
