@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 
 from emnist_exp.spec import TrialSpec
-from emnist_exp.tracking import models, results
+from emnist_exp.tracking import endings, models, results
 from emnist_exp.tracking.launcher import start_entry_run
 from emnist_exp.tracking.tags import PRECISION_TAG, ROLE_TAG, STUDY_TAG
 
@@ -29,20 +29,14 @@ def run_name(study: str, spec: TrialSpec) -> str:
 @contextlib.contextmanager
 def student_run(*, experiment_id: str, study: str, teacher: str, spec: TrialSpec, seed: int, policy: str,
                 params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
-    """The student's run in the study's experiment, ended FINISHED, KILLED (Ctrl-C) or FAILED as it went."""
+    """The student's run in the study's experiment, ended as endings.outcome says (FINISHED, KILLED on Ctrl-C,
+    FAILED), as a study's and a trial's runs are."""
     tags = {ROLE_TAG: ROLE, STUDY_TAG: study, TEACHER_TAG: teacher, "arch": spec.arch, PRECISION_TAG: policy,
             "aug": "on" if spec.augment else "off"}
     run = start_entry_run(run_name=run_name(study, spec), tags=tags, experiment_id=experiment_id)
-    status = "FAILED"
-    try:
+    with endings.ending():
         mlflow.log_params({**spec.params(), "seed": seed, "precision_policy": policy, **params})
         yield run
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        mlflow.end_run(status)
 
 
 def log_teacher_targets(targets: np.ndarray, classes: tuple[str, ...]) -> None:
