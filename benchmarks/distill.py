@@ -3,6 +3,7 @@ images/s of the student against the exported ensemble graph, in the same run.
 
     python benchmarks/distill.py --workdir DIR        # the protocol's study (preset sample), top 5, then distil
     python benchmarks/distill.py --smoke              # synthetic:600, 2 trials, a cnn-16 student of 1 epoch
+    python benchmarks/distill.py --train-args "--max_examples 12000 --n_trials 4 --epochs 2"   # a smaller study
 
 It runs the user commands
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -56,6 +58,9 @@ def main() -> None:
     parser.add_argument("--arch", default="", help="student architecture (default: the best member's)")
     parser.add_argument("--width", type=int, default=0, help="student width (default: the best member's)")
     parser.add_argument("--smoke", action="store_true", help="synthetic:600, 2 trials, a cnn-16 student of 1 epoch")
+    parser.add_argument("--train-args", default="",
+                        help="more `train` flags after the preset's, which they override: a smaller teacher study "
+                             "on a slow machine, e.g. \"--max_examples 12000 --n_trials 4 --epochs 2\"")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="emnist-distill-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -70,6 +75,7 @@ def main() -> None:
         args.epochs, args.arch, args.width = args.epochs or 1, args.arch or "cnn", args.width or 16
     else:
         train += ["--preset", "sample"]
+    train += shlex.split(args.train_args)
     top = 2 if args.smoke else 5
 
     from emnist_exp import data  # noqa: PLC0415
@@ -100,6 +106,7 @@ def main() -> None:
           f"stores in {work}")
     print("training rate (seed CNN, batch 128): " + " / ".join(f"{r:,.0f}" for r in rates)
           + " images/s (before / after the commands)")
+    print("teacher study: train " + " ".join(train[train.index("--storage") + 2:]) + f", then ensemble --top {top}")
     print(f"train {train_s / 60:.1f} min, ensemble {ensemble_s:.0f} s, distill {distill_s:.0f} s "
           f"(teacher targets {m['teacher_targets_seconds']:.0f} s; student {p['arch']}-{p['width']}, "
           f"{int(m['epochs_run'])} epochs, T {float(p['temperature']):g}, alpha {float(p['alpha']):g})")
