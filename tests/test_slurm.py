@@ -397,6 +397,7 @@ def test_a_task_requeued_mid_trial_stops_cleanly_and_runs_again(array_job):
     assert copy.state == optuna.trial.TrialState.COMPLETE, (copy.number, copy.state.name)
     resumed = f"trial {copy.number} resumes from epoch 2 of 2: trial {trial.number}'s checkpoint of epoch 1"
     assert resumed in job.log(0) + job.log(1), job.logs(2)
+    print(next(line for line in (job.log(0) + job.log(1)).splitlines() if resumed in line))
     assert copy.user_attrs["mlflow_run_id"] == stopped.user_attrs["mlflow_run_id"]
     assert "Traceback" not in runs[1], runs[1][-3000:]
     assert_study_done(job, total=3)
