@@ -147,6 +147,16 @@ def test_the_report_shows_the_student_beside_its_teacher(student):
     assert all(cell for cell in rows[2])  # the student has every number
 
 
+FAKES: list[str] = []  # the hand-made runs of a test, deleted after it: other tests' queries must not find them
+
+
+@pytest.fixture(autouse=True)
+def delete_fake_runs():
+    yield
+    while FAKES:
+        mlflow.MlflowClient().delete_run(FAKES.pop())
+
+
 def fake_runs(experiment: str, study: str, dataset: str) -> str:
     """A COMPLETE trial run of `study` on `dataset` (tags and params only), as the queries see one."""
     client = mlflow.MlflowClient()
@@ -157,6 +167,7 @@ def fake_runs(experiment: str, study: str, dataset: str) -> str:
     client.log_param(run.info.run_id, "dataset", dataset)
     client.log_metric(run.info.run_id, "val_accuracy", 0.5)
     client.set_terminated(run.info.run_id, "FINISHED")
+    FAKES.append(run.info.run_id)
     return run.info.run_id
 
 
@@ -165,6 +176,7 @@ def fake_ensemble(member: str) -> str:
     experiment_id = client.get_run(member).info.experiment_id
     run = client.create_run(experiment_id, tags={"emnist.role": "ensemble", "ensemble.members": member})
     client.set_terminated(run.info.run_id, "FINISHED")
+    FAKES.append(run.info.run_id)
     return run.info.run_id
 
 
@@ -189,16 +201,18 @@ def test_bad_options_are_one_sentence_before_any_work(argv, sentence, capsys):
 
 
 def test_a_study_without_an_ensemble_is_one_sentence(workdir, capsys):
-    fake_runs("distill-bad-input", "unvoted", "synthetic:1500")
-    assert one_sentence(["--study", "unvoted"], capsys) == (
-        "error: study 'unvoted' has no ensemble yet: run `python -m emnist_exp.ensemble --study unvoted` first.")
+    fake_runs("distill-bad-input", "distill-unvoted", "synthetic:1500")
+    assert one_sentence(["--study", "distill-unvoted"], capsys) == (
+        "error: study 'distill-unvoted' has no ensemble yet: run `python -m emnist_exp.ensemble --study "
+        "distill-unvoted` first.")
 
 
 def test_an_ensemble_from_another_dataset_or_a_trial_run_is_one_sentence(workdir, capsys):
-    fake_runs("distill-bad-input", "letters", "synthetic:1500")
-    elsewhere = fake_ensemble(fake_runs("distill-bad-input", "digits", "synthetic:600"))
-    assert one_sentence(["--study", "letters", "--ensemble", elsewhere], capsys) == (
-        f"error: ensemble run {elsewhere} was trained on synthetic:600, but study 'letters' on synthetic:1500: "
+    # study names no other test uses: the session's store holds every test's studies (test_contract's "letters")
+    fake_runs("distill-bad-input", "distill-here", "synthetic:1500")
+    elsewhere = fake_ensemble(fake_runs("distill-bad-input", "distill-there", "synthetic:600"))
+    assert one_sentence(["--study", "distill-here", "--ensemble", elsewhere], capsys) == (
+        f"error: ensemble run {elsewhere} was trained on synthetic:600, but study 'distill-here' on synthetic:1500: "
         "pass an ensemble of this study, or leave out --study.")
-    trial = fake_runs("distill-bad-input", "letters", "synthetic:1500")
+    trial = fake_runs("distill-bad-input", "distill-here", "synthetic:1500")
     assert one_sentence(["--ensemble", trial], capsys).startswith(f"error: run {trial} is not an ensemble run")
