@@ -17,13 +17,13 @@ SAMPLE = "idx:../shared/data/emnist-bymerge-sample"
 
 
 def pipeline_rate(dataset: str, augment: bool, batches: int, batch_size: int, elastic: float = 0.0) -> float:
-    from emnist_exp import data, model
+    from emnist_exp import data, model, pipelines
     from emnist_exp.spec import TrialSpec
 
     splits = data.load_splits(dataset)
     spec = TrialSpec(augment=augment, rotation=10, shift=0.08, zoom=0.08, elastic=elastic)
-    ds = data.training_pipeline(splits.train.repeat(), num_classes=47, batch_size=batch_size, seed=0,
-                                shuffle_buffer=10_000, augment=model.build_augmenter(spec, 0))
+    ds = pipelines.training_pipeline(splits.train.repeat(), num_classes=47, batch_size=batch_size, seed=0,
+                                     shuffle_buffer=10_000, augment=model.build_augmenter(spec, 0))
     it = iter(ds)
     for _ in range(20):  # warm-up: graph tracing, shuffle buffer fill, autotuning
         next(it)

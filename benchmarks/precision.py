@@ -4,7 +4,7 @@
     python benchmarks/precision.py --smoke    # synthetic, tiny sizes: a check that it runs
 
 Rates: each member of the `tuned` space (search.TUNED_WIDTHS) is built once per policy and trained
-through the real input pipeline (`data.load_splits` -> `data.training_pipeline`, augmentation
+through the real input pipeline (`data.load_splits` -> `pipelines.training_pipeline`, augmentation
 off: the tuned space trains half its members without it), the policies taking turns for
 `--rounds` rounds in one process, so a busy shared machine slows both alike. Each turn is one
 `fit` whose first steps (iterator, shuffle buffer, autotuning) are not timed. The cells give the
@@ -41,7 +41,7 @@ import keras  # noqa: E402
 
 from pipeline import SAMPLE, training_rate  # noqa: E402
 
-from emnist_exp import data, model as models, precision, trainer  # noqa: E402
+from emnist_exp import data, model as models, pipelines, precision, trainer  # noqa: E402
 from emnist_exp.search import TUNED_WIDTHS  # noqa: E402
 from emnist_exp.spec import TrialSpec  # noqa: E402
 
@@ -105,8 +105,8 @@ def rates(splits: data.Splits, members: list[tuple[str, int]], batches: list[int
             variants = [*POLICIES, *([XLA] if arch == "cnn" and batch == batches[-1] and rounds > 1 else [])]
             keras.backend.clear_session()
             nets = member_nets(spec, variants, steps)
-            ds = data.training_pipeline(splits.train.repeat(), num_classes=len(splits.classes), batch_size=batch,
-                                        seed=0, shuffle_buffer=10_000)
+            ds = pipelines.training_pipeline(splits.train.repeat(), num_classes=len(splits.classes), batch_size=batch,
+                                             seed=0, shuffle_buffer=10_000)
             measured = {v: [] for v in variants}
             for r in range(rounds + 1):  # round 0 traces and warms every net, untimed
                 order = variants if r % 2 else variants[::-1]
@@ -175,7 +175,7 @@ def spread(values: list[float], fmt: str = ",.0f") -> str:
 
 
 def print_rates(rows: list[dict], rounds: int, dataset: str) -> list[float]:
-    print(f"training rate, images/s: {dataset} through data.training_pipeline (augmentation off), "
+    print(f"training rate, images/s: {dataset} through pipelines.training_pipeline (augmentation off), "
           f"policies alternating, median [range] of {rounds} rounds")
     header = ("member", "batch", "float32", "mixed_bfloat16", "bf16 / f32", XLA)
     print(f"{header[0]:<10} {header[1]:>5}  {header[2]:>20}  {header[3]:>20}  {header[4]:>18}  {header[5]:>20}")

@@ -117,10 +117,10 @@ def read_split_rate(source, batches: int, batch_size: int) -> float:
 
 def rate(ds, batches: int, batch_size: int) -> float:
     """images/s through the training pipeline (shuffle, batch, float, one-hot), augmentation off."""
-    from emnist_exp import data
+    from emnist_exp import pipelines
 
-    it = iter(data.training_pipeline(ds.repeat(), num_classes=47, batch_size=batch_size, seed=0,
-                                     shuffle_buffer=10_000))
+    it = iter(pipelines.training_pipeline(ds.repeat(), num_classes=47, batch_size=batch_size, seed=0,
+                                          shuffle_buffer=10_000))
     for _ in range(20):  # warm-up: tracing, shuffle buffer fill, autotuning
         next(it)
     start = time.perf_counter()

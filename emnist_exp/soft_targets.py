@@ -1,6 +1,6 @@
 """A teacher's soft targets beside the labels, and the distillation loss on them. Keras and tf.data only.
 
-The targets travel through data.training_pipeline next to each image, so they are shuffled and
+The targets travel through pipelines.training_pipeline next to each image, so they are shuffled and
 batched with it; each batch's target is [one-hot label | teacher probabilities], 2 x classes wide.
 Validation batches carry the one-hot label alone, and the same loss and metric read either.
 """

@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from emnist_exp import checkpoint, data, model as models, precision, soft_targets
+from emnist_exp import checkpoint, data, model as models, pipelines, precision, soft_targets
 from emnist_exp.spec import TrialSpec
 from emnist_exp.voting import accuracy
 
@@ -50,7 +50,7 @@ class TrainResult:
 
 def predict(model: keras.Model, ds) -> np.ndarray:
     """Class probabilities for an unbatched split, in order."""
-    return model.predict(data.eval_pipeline(ds, batch_size=EVAL_BATCH), verbose=0)
+    return model.predict(pipelines.eval_pipeline(ds, batch_size=EVAL_BATCH), verbose=0)
 
 
 class EpochLine(keras.callbacks.Callback):
@@ -103,11 +103,11 @@ def train_spec(spec: TrialSpec, splits: data.Splits, *, epochs: int, patience: i
         first = resume.epoch
     # A student's augmented image keeps the soft target of the image as stored: the teacher saw
     # each train image once, un-augmented, and the label term still matches the augmented one.
-    train_ds = data.training_pipeline(
+    train_ds = pipelines.training_pipeline(
         splits.train if teacher is None else teacher.paired(splits.train), num_classes=num_classes,
         batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, augment=augmenter, epochs=range(first, epochs),
     )
-    val_ds = data.eval_pipeline(splits.val, batch_size=EVAL_BATCH, num_classes=num_classes)
+    val_ds = pipelines.eval_pipeline(splits.val, batch_size=EVAL_BATCH, num_classes=num_classes)
     nan = keras.callbacks.TerminateOnNaN()
     started = time.perf_counter()
     lines = [EpochLine(epochs)] if verbose == 2 else []

@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 from idxfiles import random_split, write_idx_folder
 
-from emnist_exp import data
+from emnist_exp import data, pipelines
 from emnist_exp.classes import BYMERGE_CLASSES
 from emnist_exp.errors import UserError
 
@@ -73,15 +73,16 @@ def test_training_pipeline_batches_floats_one_hot_and_augments(tmp_path):
 
     folder = write_idx_folder(tmp_path / "f", splits={"train": random_split(40, 3)})
     splits = data.load_splits(f"idx:{folder}", data_dir=str(tmp_path / "tfds"))
-    plain = data.training_pipeline(splits.train, num_classes=47, batch_size=8, seed=0, shuffle_buffer=100)
+    plain = pipelines.training_pipeline(splits.train, num_classes=47, batch_size=8, seed=0, shuffle_buffer=100)
     x, y = next(iter(plain))
     assert x.shape == (8, 28, 28, 1) and x.dtype.name == "float32" and y.shape == (8, 47)
     assert float(x.numpy().max()) > 1.0  # raw pixels: scaling is inside the model
     spec = TrialSpec(augment=True, rotation=15, shift=0.1, zoom=0.1, elastic=0.5)
-    augmented = data.training_pipeline(splits.train, num_classes=47, batch_size=36, seed=0, shuffle_buffer=1,
-                                       augment=build_augmenter(spec, seed=0))
+    augmented = pipelines.training_pipeline(splits.train, num_classes=47, batch_size=36, seed=0, shuffle_buffer=1,
+                                            augment=build_augmenter(spec, seed=0))
     xa, _ = next(iter(augmented))
-    xp, _ = next(iter(data.training_pipeline(splits.train, num_classes=47, batch_size=36, seed=0, shuffle_buffer=1)))
+    xp, _ = next(iter(pipelines.training_pipeline(splits.train, num_classes=47, batch_size=36, seed=0,
+                                                  shuffle_buffer=1)))
     assert xa.shape == xp.shape and not np.allclose(xa.numpy(), xp.numpy())
 
 
@@ -98,8 +99,8 @@ def test_augmentation_keeps_every_image_with_its_own_label(workdir):
     splits = data.load_splits("synthetic:600", val_fraction=0.1)
     spec = TrialSpec(augment=True, elastic=0.5)
     kwargs = dict(num_classes=47, batch_size=32, seed=3, shuffle_buffer=200)
-    plain = data.training_pipeline(splits.train, **kwargs)
-    augmented = data.training_pipeline(splits.train, **kwargs, augment=build_augmenter(spec, seed=0))
+    plain = pipelines.training_pipeline(splits.train, **kwargs)
+    augmented = pipelines.training_pipeline(splits.train, **kwargs, augment=build_augmenter(spec, seed=0))
     moved = total = 0
     for (xp, yp), (xa, ya) in zip(plain, augmented):
         np.testing.assert_array_equal(yp.numpy(), ya.numpy())  # same shuffle: the same examples
@@ -132,8 +133,8 @@ def test_tfds_emnist_through_mock_data(tmp_path):
         splits = data.load_splits("emnist/bymerge", max_examples=1000, data_dir=str(tmp_path))
         assert splits.source.transposed and splits.classes == BYMERGE_CLASSES
         assert splits.counts == {"train": 900, "val": 100, "test": 1000}
-        x, y = next(iter(data.training_pipeline(splits.train, num_classes=47, batch_size=16, seed=0,
-                                                shuffle_buffer=64)))
+        x, y = next(iter(pipelines.training_pipeline(splits.train, num_classes=47, batch_size=16, seed=0,
+                                                     shuffle_buffer=64)))
         assert x.shape == (16, 28, 28, 1) and y.shape == (16, 47)
         assert sum(1 for _ in splits.val) == 100 and sum(1 for _ in splits.test) == 1000
 

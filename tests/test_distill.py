@@ -43,7 +43,7 @@ def test_the_loss_is_alpha_t2_kl_plus_cross_entropy_and_plain_ce_on_validation()
 def test_each_soft_target_stays_with_its_image_through_shuffle_and_batches():
     import tensorflow as tf
 
-    from emnist_exp import data, soft_targets
+    from emnist_exp import pipelines, soft_targets
 
     n = 40
     images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 28, 28, 1), np.uint8)
@@ -51,8 +51,8 @@ def test_each_soft_target_stays_with_its_image_through_shuffle_and_batches():
     targets = np.eye(n, dtype=np.float16)  # example i's target names i
     train = tf.data.Dataset.from_tensor_slices((images, labels))
     paired = soft_targets.Teacher(targets).paired(train)
-    for x, y in data.training_pipeline(paired, num_classes=5, batch_size=8, seed=3, shuffle_buffer=40,
-                                       epochs=range(2)).as_numpy_iterator():
+    for x, y in pipelines.training_pipeline(paired, num_classes=5, batch_size=8, seed=3, shuffle_buffer=40,
+                                            epochs=range(2)).as_numpy_iterator():
         index = x[:, 0, 0, 0].astype(int)
         assert y.shape == (8, 5 + n)
         np.testing.assert_array_equal(y[:, :5].argmax(axis=1), labels[index])
