@@ -45,4 +45,10 @@ def write_runs_view(experiment_id: str) -> None:
         return
     now = int(time.time() * 1000)
     envelope = {"name": RUNS_VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(runs_view_state())}
-    client.set_experiment_tag(experiment_id, key, json.dumps(envelope))
+    try:
+        client.set_experiment_tag(experiment_id, key, json.dumps(envelope))
+    except mlflow.exceptions.MlflowException:
+        # Workers starting together race to write it; on PostgreSQL the loser's insert is a unique-key
+        # violation. The view another worker wrote is the same one: only a missing view is an error.
+        if key not in client.get_experiment(experiment_id).tags:
+            raise
