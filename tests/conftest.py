@@ -88,11 +88,23 @@ def sample_dir() -> Path:
     return path
 
 
+TINY_ENSEMBLE_RUN: dict[str, str] = {}  # the run tiny_ensemble logged, by the version it registered
+
+
 @pytest.fixture(scope="session")
 def tiny_ensemble(tiny_study) -> str:
-    """The tiny study's 3 trials voted (soft) into `emnist-ensemble`; returns the registered version."""
-    from emnist_exp import ensemble
-    from emnist_exp.tracking import models
+    """The tiny study's 3 trials voted (soft) into `emnist-ensemble`; returns the registered version.
 
+    Other tests log ensembles of the same study before and after this one (whichever module asks first
+    builds it), so the run it logged is kept in TINY_ENSEMBLE_RUN instead of being found as the newest.
+    """
+    from emnist_exp import ensemble
+    from emnist_exp.tracking import models, queries
+
+    before = {r.info.run_id for r in queries.study_runs(tiny_study["study"], "ensemble")}
     assert ensemble.main(["--top", "3", "--study", tiny_study["study"]]) == 0
-    return models.latest_version(models.ENSEMBLE_MODEL)
+    (logged,) = [r.info.run_id for r in queries.study_runs(tiny_study["study"], "ensemble")
+                 if r.info.run_id not in before]
+    version = models.latest_version(models.ENSEMBLE_MODEL)
+    TINY_ENSEMBLE_RUN[version] = logged
+    return version

@@ -9,6 +9,7 @@ import pytest
 from emnist_exp import data, ensemble, evaluate, voting
 from emnist_exp.tracking import queries, results
 from emnist_exp.errors import UserError
+from conftest import TINY_ENSEMBLE_RUN
 
 
 # ---- the rules on hand-made numbers ------------------------------------------------------------
@@ -88,6 +89,11 @@ def stacked(run_ids, split):
     return np.stack([p[f"{split}_probs"] for p in preds]).astype(np.float64), preds[0][f"{split}_labels"]
 
 
+def tiny_ensemble_run(version: str):
+    """The run the tiny_ensemble fixture logged: strategy tests log newer ensembles of the same study."""
+    return mlflow.get_run(TINY_ENSEMBLE_RUN[version])
+
+
 def last_ensemble_run():
     return mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
                               filter_string="tags.`emnist.role` = 'ensemble'", order_by=["attributes.start_time DESC"])[0]
@@ -124,7 +130,7 @@ def test_each_strategy_on_a_real_study_matches_numpy(tiny_study, strategy, capsy
 
 @pytest.mark.slow
 def test_ensemble_run_logs_tables_plots_and_links_members(tiny_ensemble):
-    run = last_ensemble_run()
+    run = tiny_ensemble_run(tiny_ensemble)
     client = mlflow.tracking.MlflowClient()
     files = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"per_class_accuracy.csv", "pairwise_disagreement.csv", "ensemble.json", "plots"} <= files
@@ -139,7 +145,7 @@ def test_ensemble_run_logs_tables_plots_and_links_members(tiny_ensemble):
 
 @pytest.mark.slow
 def test_registered_model_reproduces_the_logged_test_accuracy(tiny_ensemble):
-    run = last_ensemble_run()
+    run = tiny_ensemble_run(tiny_ensemble)
     model = mlflow.pyfunc.load_model(f"models:/emnist-ensemble/{tiny_ensemble}")
     splits = data.load_splits("synthetic:1500")
     images = np.stack([x for x, _ in splits.test.as_numpy_iterator()])[..., 0]  # uint8, (n, 28, 28)
@@ -154,7 +160,7 @@ def test_registered_model_reproduces_the_logged_test_accuracy(tiny_ensemble):
 
 @pytest.mark.slow
 def test_evaluate_prints_accuracy_last_for_any_model_uri(tiny_ensemble, capsys):
-    run = last_ensemble_run()
+    run = tiny_ensemble_run(tiny_ensemble)
     assert evaluate.main(["--model", f"models:/emnist-ensemble/{tiny_ensemble}", "--dataset", "synthetic:1500"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"accuracy {run.data.metrics['test_accuracy']:.4f}"
