@@ -4,6 +4,7 @@ images/s of the student against the exported ensemble graph, in the same run.
     python benchmarks/distill.py --workdir DIR        # the protocol's study (preset sample), top 5, then distil
     python benchmarks/distill.py --smoke              # synthetic:600, 2 trials, a cnn-16 student of 1 epoch
     python benchmarks/distill.py --train-args "--max_examples 12000 --n_trials 4 --epochs 2"   # a smaller study
+    python benchmarks/distill.py --workdir DIR --ensemble RUN_ID --arch cnn --width 16   # another student, same teacher
 
 It runs the user commands
 
@@ -11,7 +12,8 @@ It runs the user commands
     python -m emnist_exp.ensemble --top 5                (--smoke: --top 2)
     python -m emnist_exp.distill --epochs N --temperature T --alpha A [--arch --width]
 
-in fresh stores under --workdir and reads the runs back. The student and the teacher's members are
+in fresh stores under --workdir and reads the runs back (--ensemble: only distil, from that ensemble
+run in --workdir's stores). The student and the teacher's members are
 selected on validation; test is only reported. Last, the ensemble run's graph/ensemble.keras and
 the student run's graph/student.keras score the same test images (batch 512, after a warm-up).
 """
@@ -57,6 +59,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.9, help="weight of the teacher's term (default: 0.9)")
     parser.add_argument("--arch", default="", help="student architecture (default: the best member's)")
     parser.add_argument("--width", type=int, default=0, help="student width (default: the best member's)")
+    parser.add_argument("--ensemble", default="",
+                        help="an ensemble run in --workdir's stores: distil it again, with no new study")
     parser.add_argument("--smoke", action="store_true", help="synthetic:600, 2 trials, a cnn-16 student of 1 epoch")
     parser.add_argument("--train-args", default="",
                         help="more `train` flags after the preset's, which they override: a smaller teacher study "
@@ -84,9 +88,14 @@ def main() -> None:
     commit = runs.git_commit()[:7]  # now: the checkout may move while this runs
     rates = [training_rate(3 if args.smoke else 60, 128)]
     log = work / "distill.log"
-    train_s = run(train, env, log)
-    ensemble_s = run([sys.executable, "-m", "emnist_exp.ensemble", "--study", STUDY, "--top", str(top)], env, log)
-    distill = [sys.executable, "-m", "emnist_exp.distill", "--study", STUDY, "--epochs", str(args.epochs),
+    if args.ensemble:
+        train_s = ensemble_s = 0.0
+        teacher = ["--ensemble", args.ensemble]
+    else:
+        train_s = run(train, env, log)
+        ensemble_s = run([sys.executable, "-m", "emnist_exp.ensemble", "--study", STUDY, "--top", str(top)], env, log)
+        teacher = ["--study", STUDY]
+    distill = [sys.executable, "-m", "emnist_exp.distill", *teacher, "--epochs", str(args.epochs),
                "--temperature", str(args.temperature), "--alpha", str(args.alpha), "--arch", args.arch,
                "--width", str(args.width)]
     distill_s = run(distill, env, log)
@@ -106,7 +115,10 @@ def main() -> None:
           f"stores in {work}")
     print("training rate (seed CNN, batch 128): " + " / ".join(f"{r:,.0f}" for r in rates)
           + " images/s (before / after the commands)")
-    print("teacher study: train " + " ".join(train[train.index("--storage") + 2:]) + f", then ensemble --top {top}")
+    if args.ensemble:
+        print(f"teacher: ensemble run {args.ensemble}, already in the stores")
+    else:
+        print("teacher study: train " + " ".join(train[train.index("--storage") + 2:]) + f", then ensemble --top {top}")
     print(f"train {train_s / 60:.1f} min, ensemble {ensemble_s:.0f} s, distill {distill_s:.0f} s "
           f"(teacher targets {m['teacher_targets_seconds']:.0f} s; student {p['arch']}-{p['width']}, "
           f"{int(m['epochs_run'])} epochs, T {float(p['temperature']):g}, alpha {float(p['alpha']):g})")

@@ -117,6 +117,12 @@ class Objective:
             self._requeue(trial, "timeout", str(limit))
             trial.study.stop()  # this worker's time is up: no new trial (optimize would start one otherwise)
             raise
+        except Exception as error:
+            stop = signals.stop_requested()
+            if stop is None:
+                raise
+            self._requeue(trial, str(stop), "stopped")  # as for Stopped: the error is the signal's echo
+            raise stop from error
 
     def _train(self, trial: optuna.Trial, spec, seed: int, resume: checkpoint.TrainingState | None,
                checkpoints: Checkpoints) -> float:

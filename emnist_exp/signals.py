@@ -58,9 +58,16 @@ def stop_on_signals() -> Iterator[None]:
         yield
     finally:
         done.set()
+        _requested.clear()  # outside the worker, an error is what it says (stop_requested)
         sys.unraisablehook = hook
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def stop_requested() -> Stopped | None:
+    """The stop a signal asked for, if one came: an error raised after it is most likely its echo
+    (a store call cut short mid-write fails on the next one), so it counts as that stop."""
+    return Stopped(_requested[0]) if _requested else None
 
 
 def raise_if_stopped() -> None:

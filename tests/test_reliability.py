@@ -118,7 +118,7 @@ def assert_stopped_cleanly(tracking_uri: str, storage: str, study: str, number: 
     assert trial.state == optuna.trial.TrialState.FAIL
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(trial.user_attrs["mlflow_run_id"])
-    assert (run.info.status, run.data.tags["optuna.state"]) == ("KILLED", "FAIL")
+    assert (run.info.status, run.data.tags["optuna.state"]) == ("KILLED", "FAIL"), run.data.tags
     parent = run.data.tags["mlflow.parentRunId"]
     deadline = time.monotonic() + 60  # after a Ctrl-C, `mlflow run` writes FAILED and ours sets KILLED back
     while client.get_run(parent).info.status != "KILLED" and time.monotonic() < deadline:
@@ -321,6 +321,32 @@ def test_ctrl_c_to_mlflow_run_fails_the_trial_and_kills_its_runs(tmp_path, tfds_
     assert code != 0, log.read_text()[-3000:]  # MLflow's CLI (click) reports "Aborted!" with exit 1
     assert "interrupted" in log.read_text()
     assert_stopped_cleanly(tracking_uri, storage, study, trial.number)
+
+
+def test_an_error_in_the_wake_of_a_stop_signal_ends_the_run_as_that_stop(workdir):
+    """A signal's Stopped can land inside a library call that swallows it and fails later with an error of
+    its own (a store write cut short): the run still ends KILLED, as stopped. Without a signal: FAILED."""
+    import mlflow
+
+    from emnist_exp import signals
+    from emnist_exp.tracking import endings, tags
+
+    ended = []
+    for signalled in (True, False):
+        with pytest.raises(RuntimeError, match="cut short"), signals.stop_on_signals():
+            ended.append(mlflow.start_run(run_name=f"wake-of-a-stop-{signalled}").info.run_id)
+            with endings.ending(trial=True):
+                if signalled:
+                    try:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        time.sleep(5)  # the handler raises Stopped at the next bytecode
+                    except signals.Stopped:
+                        pass  # swallowed, as a library's `except BaseException` cleanup does
+                raise RuntimeError("the store call was cut short")
+    runs = [mlflow.get_run(run_id) for run_id in ended]
+    assert [(r.info.status, r.data.tags.get(tags.STATE_TAG), r.data.tags.get(tags.STOPPED_TAG)) for r in runs] == [
+        ("KILLED", "FAIL", "SIGTERM"), ("FAILED", "FAIL", None)]
+    assert signals.stop_requested() is None  # outside the worker, an error is what it says
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import optuna
 
 from emnist_exp.errors import UserError
 from emnist_exp.redaction import redact
-from emnist_exp.signals import TimeLimit
+from emnist_exp.signals import TimeLimit, stop_requested
 from emnist_exp.tracking.tags import PARENT_TAG, ROLE_TAG, STATE_TAG, STOPPED_TAG, STUDY_TAG, TRIAL_TAG, WORKER_TAG, quoted
 
 ENDED_BY_TAG = "emnist.ended_by"  # on a run another worker ended for the worker that could not: why
@@ -43,6 +43,8 @@ def outcome(error: BaseException | None) -> tuple[str, dict[str, str]]:
         return "FINISHED", {}
     if isinstance(error, optuna.TrialPruned):
         return "FINISHED", {STATE_TAG: "PRUNED"}
+    if not isinstance(error, (KeyboardInterrupt, TimeLimit)):
+        error = stop_requested() or error  # an error in the wake of a stop signal is that stop
     if isinstance(error, (KeyboardInterrupt, TimeLimit)):
         return "KILLED", {STATE_TAG: "FAIL", STOPPED_TAG: "timeout" if isinstance(error, TimeLimit) else
                           str(error) or "SIGINT"}
