@@ -110,18 +110,18 @@ class Objective:
                                                                                                 trial.number)))
             trial.set_user_attr(studies.SEED, seed)
             return self._train(trial, spec, seed, resume, Checkpoints(trial, pointer))
-        except signals.Stopped as stop:
-            self._requeue(trial, str(stop) or "SIGINT", "stopped")
-            raise
         except signals.TimeLimit as limit:
             self._requeue(trial, "timeout", str(limit))
             trial.study.stop()  # this worker's time is up: no new trial (optimize would start one otherwise)
             raise
-        except Exception as error:
-            stop = signals.stop_requested()
+        except (signals.Stopped, Exception) as error:
+            # any other error after a stop signal is that signal's echo (signals.stop_requested)
+            stop = error if isinstance(error, signals.Stopped) else signals.stop_requested()
             if stop is None:
                 raise
-            self._requeue(trial, str(stop), "stopped")  # as for Stopped: the error is the signal's echo
+            self._requeue(trial, str(stop) or "SIGINT", "stopped")
+            if stop is error:
+                raise
             raise stop from error
 
     def _train(self, trial: optuna.Trial, spec, seed: int, resume: checkpoint.TrainingState | None,
