@@ -83,7 +83,7 @@ def main() -> None:
     top = 2 if args.smoke else 5
 
     from emnist_exp import data  # noqa: PLC0415
-    from emnist_exp.tracking import models, queries, runs, students  # noqa: PLC0415
+    from emnist_exp.tracking import models, queries, runs, students, tags  # noqa: PLC0415
 
     commit = runs.git_commit()[:7]  # now: the checkout may move while this runs
     rates = [training_rate(3 if args.smoke else 60, 128)]
@@ -101,7 +101,8 @@ def main() -> None:
     distill_s = run(distill, env, log)
     rates.append(training_rate(3 if args.smoke else 60, 128))
 
-    student = queries.study_runs(STUDY, "distilled")[0]
+    study = queries.ensemble_run(args.ensemble).data.tags[tags.STUDY_TAG] if args.ensemble else STUDY
+    student = queries.study_runs(study, "distilled")[0]
     teacher = queries.ensemble_run(student.data.tags[students.TEACHER_TAG])
     m, p = student.data.metrics, student.data.params
     dataset = p["dataset"]
