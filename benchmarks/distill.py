@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the fresh stores go (default: a new temp dir)")
     parser.add_argument("--epochs", type=int, default=0, help="student epochs (default 0: the best member's)")
     parser.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (default: 4)")
-    parser.add_argument("--alpha", type=float, default=0.9, help="weight of the teacher's term (default: 0.9)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher's term (default: 0.5)")
     parser.add_argument("--arch", default="", help="student architecture (default: the best member's)")
     parser.add_argument("--width", type=int, default=0, help="student width (default: the best member's)")
     parser.add_argument("--ensemble", default="",

@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the best member's trial's max epochs)")
     parser.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of both distributions "
                         "in the KL term (default: 4)")
-    parser.add_argument("--alpha", type=float, default=0.9, help="weight of the teacher's KL term; 1 - alpha goes "
-                        "to the labels' cross-entropy (default: 0.9)")
+    # soft_targets.DEFAULT_ALPHA, written out: importing it would load TensorFlow before --help
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher's KL term; 1 - alpha goes "
+                        "to the labels' cross-entropy (default: 0.5)")
     parser.add_argument("--seed", type=int, default=0, help="Keras and tf.data seed (default: 0)")
     parser.add_argument("--precision", default="auto", help="auto (default), float32, mixed_bfloat16 or "
                         "mixed_float16; the logged model is float32 whatever trained it")

@@ -28,7 +28,7 @@ class Options:
     width: int = 0
     epochs: int = 0
     temperature: float = 4.0
-    alpha: float = 0.9
+    alpha: float = soft_targets.DEFAULT_ALPHA
     seed: int = 0
     precision: str = "auto"
 

@@ -66,6 +66,19 @@ def test_mlproject_parameters_and_flags_match_both_ways_with_real_types(entry):
     assert {name: p["type"] for name, p in parameters.items()} == flags
 
 
+def test_distill_defaults_agree_between_mlproject_the_flags_and_the_options():
+    """`mlflow run . -e distill`, `python -m emnist_exp.distill` and `distillation.Options` train the same student."""
+    import dataclasses
+
+    from emnist_exp import distill, distillation
+
+    parameters = mlproject()["entry_points"]["distill"]["parameters"]
+    flags = {a.dest: a.default for a in distill.build_parser()._actions if a.option_strings and a.nargs != 0}
+    options = {f.name: f.default for f in dataclasses.fields(distillation.Options)}
+    for name in ("width", "epochs", "temperature", "alpha", "seed", "precision"):
+        assert parameters[name]["default"] == flags[name] == options[name], name
+
+
 def test_train_flags_cover_every_config_field():
     flags = parser_flags("emnist_exp.train")
     assert {f"--{name}" for name in config.FIELDS} <= flags
