@@ -55,8 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None, help="where the fresh stores go (default: a new temp dir)")
     parser.add_argument("--epochs", type=int, default=0, help="student epochs (default 0: the best member's)")
-    parser.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (default: 4)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher's term (default: 0.5)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="distillation temperature (default: distill's, 4)")
+    parser.add_argument("--alpha", type=float, default=None, help="weight of the teacher's term (default: distill's, 0.5)")
     parser.add_argument("--arch", default="", help="student architecture (default: the best member's)")
     parser.add_argument("--width", type=int, default=0, help="student width (default: the best member's)")
     parser.add_argument("--ensemble", default="",
@@ -95,9 +96,11 @@ def main() -> None:
         train_s = run(train, env, log)
         ensemble_s = run([sys.executable, "-m", "emnist_exp.ensemble", "--study", STUDY, "--top", str(top)], env, log)
         teacher = ["--study", STUDY]
-    distill = [sys.executable, "-m", "emnist_exp.distill", *teacher, "--epochs", str(args.epochs),
-               "--temperature", str(args.temperature), "--alpha", str(args.alpha), "--arch", args.arch,
+    distill = [sys.executable, "-m", "emnist_exp.distill", *teacher, "--epochs", str(args.epochs), "--arch", args.arch,
                "--width", str(args.width)]
+    for flag, value in (("--temperature", args.temperature), ("--alpha", args.alpha)):
+        if value is not None:  # unset: distill's own default, which is what a user gets
+            distill += [flag, str(value)]
     distill_s = run(distill, env, log)
     rates.append(training_rate(3 if args.smoke else 60, 128))
 

@@ -10,10 +10,12 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 
 from conftest import TINY_ENSEMBLE_RUN
+from emnist_exp.tracking import students
 
 pytestmark = pytest.mark.slow  # each test here trains a study, starts a server or runs a script
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,7 +261,7 @@ def test_distill_benchmark_smoke(tiny_ensemble, workdir, tmp_path):
                      r"[+-][\d.]+ points$", out, flags=re.M), out
     # The student went into the copy's registry, not the session's.
     def distilled_versions(folder: Path) -> int:
-        with closing(sqlite3.connect(folder / "mlflow.db")) as db:
-            return db.execute("select count(*) from model_versions where name = 'emnist-distilled'").fetchone()[0]
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+        return len(client.search_model_versions(f"name = '{students.DISTILLED_MODEL}'"))
 
     assert distilled_versions(tmp_path) == distilled_versions(workdir) + 1
