@@ -193,8 +193,11 @@ def print_rates(rows: list[dict], rounds: int, dataset: str) -> list[float]:
 def print_flops(rows: list[dict]) -> None:
     peak, how = assumed_peak()
     f32, bf16 = measured_peak("float32"), measured_peak("bfloat16")
-    print(f"peak assumed: {peak:.0f} GFLOP/s float32 ({how}; AVX2 is the widest vector unit this CPU reports, "
-          f"no AVX-512, no native bf16); measured 1024^2 matmul: {f32:.0f} GFLOP/s float32, {bf16:.0f} bfloat16")
+    flags = precision.cpu_flags()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "neither AVX2 nor AVX-512"
+    native = ", ".join(sorted(flags & set(precision.BF16_CPU_FLAGS))) or "no native bf16"
+    print(f"peak assumed: {peak:.0f} GFLOP/s float32 ({how}, the AVX2 rate; this CPU reports {vector}, {native}); "
+          f"measured 1024^2 matmul: {f32:.0f} GFLOP/s float32, {bf16:.0f} bfloat16")
     print(f"{'member':<10} {'batch':>5}  {'MFLOP/image':>11}  {'float32 GFLOP/s':>15}  {'of peak':>7}  "
           f"{'bf16 GFLOP/s':>12}  {'of peak':>7}")
     for row in rows:
